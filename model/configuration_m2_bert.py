@@ -1,0 +1,160 @@
+"""Configuration of M2-BERT (Monarch Mixer BERT).
+
+`M2BertConfig` reads the authors' released `config.json` files unchanged
+(`togethercomputer/m2-bert-80M-{2k,8k,32k}-retrieval`, `hazyresearch/M2-BERT-*-Retrieval-Encoder-V1`):
+their `model_type` may be "bert" and the M2 switches (`monarch_mixer_sequence_mixing`, `use_flash_fft`)
+may be absent, so every M2 key has the default the released models were trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import PretrainedConfig
+
+PADDING_MODES = ("reference", "masked")
+
+# The 80M architecture shared by every released retrieval model; only the length differs.
+_M2_BERT_80M = dict(
+    vocab_size=30528,
+    hidden_size=768,
+    num_hidden_layers=12,
+    intermediate_size=3072,
+    hyena_filter_order=128,
+    monarch_mlp_nblocks=4,
+)
+
+PRESETS: dict[str, dict] = {
+    "m2-bert-80M-128": dict(_M2_BERT_80M, max_position_embeddings=128),
+    "m2-bert-80M-2k": dict(_M2_BERT_80M, max_position_embeddings=2048),
+    "m2-bert-80M-8k": dict(_M2_BERT_80M, max_position_embeddings=8192),
+    "m2-bert-80M-32k": dict(_M2_BERT_80M, max_position_embeddings=32768),
+    # Same structure at a width that trains in seconds on a CPU (as the conformance fixtures).
+    "m2-bert-tiny": dict(
+        vocab_size=30528,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        hyena_filter_order=32,
+        monarch_mlp_nblocks=4,
+        max_position_embeddings=512,
+    ),
+}
+PRESET_ALIASES = {"128": "m2-bert-80M-128", "2k": "m2-bert-80M-2k", "8k": "m2-bert-80M-8k",
+                  "32k": "m2-bert-80M-32k", "tiny": "m2-bert-tiny"}
+
+
+class M2BertConfig(PretrainedConfig):
+    """Hyper-parameters of an M2-BERT encoder.
+
+    The sequence length `max_position_embeddings` is also the Hyena filters' `long_conv_l_max`
+    (the authors keep both, always equal). `padding_mode` is ours: `reference` pads every input to
+    the full length with [PAD] as the released checkpoints need; `masked` zeroes positions beyond
+    each text before every long convolution, so outputs do not depend on how far a batch is padded.
+    """
+
+    model_type = "m2_bert"
+
+    def __init__(
+        self,
+        vocab_size: int = 30528,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        intermediate_size: int = 3072,
+        max_position_embeddings: int = 2048,
+        long_conv_l_max: int | None = None,
+        type_vocab_size: int = 2,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        monarch_mixer_sequence_mixing: bool = True,
+        bidirectional: bool = True,
+        residual_long_conv: bool = True,
+        hyena_emb_dim: int = 5,
+        hyena_filter_order: int = 128,
+        hyena_w: float = 10.0,
+        hyena_w_mod: float = 1.0,
+        hyena_wd: float = 0.1,
+        hyena_lr_pos_emb: float = 1e-5,
+        long_conv_kernel_learning_rate: float = 1e-3,
+        hyena_training_additions: bool = False,
+        use_glu_mlp: bool = True,
+        use_monarch_mlp: bool = True,
+        monarch_mlp_nblocks: int = 4,
+        use_positional_encodings: bool = True,
+        pool_all: bool = False,
+        use_flash_fft: bool = False,
+        padding_mode: str = "masked",
+        gradient_checkpointing: bool = False,
+        **kwargs,
+    ):
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.long_conv_l_max = max_position_embeddings if long_conv_l_max is None else long_conv_l_max
+        self.type_vocab_size = type_vocab_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.monarch_mixer_sequence_mixing = monarch_mixer_sequence_mixing
+        self.bidirectional = bidirectional
+        self.residual_long_conv = residual_long_conv
+        self.hyena_emb_dim = hyena_emb_dim
+        self.hyena_filter_order = hyena_filter_order
+        self.hyena_w = hyena_w
+        self.hyena_w_mod = hyena_w_mod
+        self.hyena_wd = hyena_wd
+        self.hyena_lr_pos_emb = hyena_lr_pos_emb
+        self.long_conv_kernel_learning_rate = long_conv_kernel_learning_rate
+        self.hyena_training_additions = hyena_training_additions
+        self.use_glu_mlp = use_glu_mlp
+        self.use_monarch_mlp = use_monarch_mlp
+        self.monarch_mlp_nblocks = monarch_mlp_nblocks
+        self.use_positional_encodings = use_positional_encodings
+        self.pool_all = pool_all
+        self.use_flash_fft = use_flash_fft
+        self.padding_mode = padding_mode
+        self.gradient_checkpointing = gradient_checkpointing
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject settings this implementation does not provide, naming the key."""
+        unsupported = {
+            "monarch_mixer_sequence_mixing": (self.monarch_mixer_sequence_mixing, True),
+            "use_glu_mlp": (self.use_glu_mlp, True),
+            "use_monarch_mlp": (self.use_monarch_mlp, True),
+            "use_positional_encodings": (self.use_positional_encodings, True),
+            "hyena_training_additions": (self.hyena_training_additions, False),
+            "pool_all": (self.pool_all, False),
+        }
+        for key, (value, supported) in unsupported.items():
+            if bool(value) != supported:
+                raise ValueError(f"M2BertConfig: {key}={value!r} is not supported (only {supported!r}, "
+                                 "as in every released M2-BERT retrieval model)")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"M2BertConfig: padding_mode={self.padding_mode!r}; expected one of {PADDING_MODES}")
+        if self.long_conv_l_max != self.max_position_embeddings:
+            raise ValueError(f"M2BertConfig: long_conv_l_max ({self.long_conv_l_max}) must equal "
+                             f"max_position_embeddings ({self.max_position_embeddings})")
+        for key, divisor in (("hidden_size", self.monarch_mlp_nblocks),
+                             ("intermediate_size", self.monarch_mlp_nblocks)):
+            if getattr(self, key) % divisor:
+                raise ValueError(f"M2BertConfig: {key}={getattr(self, key)} is not divisible by "
+                                 f"monarch_mlp_nblocks={divisor}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "M2BertConfig":
+        """A named architecture: `m2-bert-80M-{128,2k,8k,32k}` or `m2-bert-tiny` (short aliases too)."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise KeyError(f"unknown M2-BERT preset {name!r}; known: {sorted(PRESETS)} "
+                           f"or aliases {sorted(PRESET_ALIASES)}")
+        kwargs = copy.deepcopy(PRESETS[key])
+        kwargs.update(overrides)
+        return cls(**kwargs)

@@ -1,0 +1,397 @@
+"""M2-BERT: BERT with Monarch Mixer sequence mixing and block-diagonal GLU MLPs.
+
+Papers: "Monarch Mixer" (arXiv 2310.12109) and "Benchmarking and Building Long-Context Retrieval Models
+with LoCo and M2-BERT" (arXiv 2402.07440). Architecture of the released 80M retrieval models:
+
+    embeddings  = LayerNorm(word + token_type + learned absolute position)
+    per layer   a   = SequenceMixer(h)                          # no norm, no residual around it
+                h'  = LayerNorm(a + Wo(GELU(gate(a)) * value(a)))  # block-diagonal GLU MLP, post-LN
+    pooler      = tanh(dense(h[:, 0]))                           # the retrieval embedding
+
+SequenceMixer(u): in_proj to 3H -> causal depthwise conv (width 3) -> split x1, x2, v ->
+    y = LongConv(v * x1) * x2 + ResidualLongConv(u), each long conv a bidirectional Hyena implicit
+    filter applied by FFT, with a D skip term; then out_proj.
+
+Parameter names are ours; `model.loading` maps the authors' checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
+
+from .configuration_m2_bert import M2BertConfig
+from .ops import block_diagonal_linear, fast_fft_size, fft_long_conv, monarch_mixer_core
+
+
+def hyena_positional_features(length: int, emb_dim: int) -> torch.Tensor:
+    """Initial Hyena positional features z = [t, cos(f w), -sin(f w)]: (1, L, emb_dim)."""
+    bands = (emb_dim - 1) // 2
+    t = torch.linspace(0, 1, length)[None, :, None]  # (1, L, 1)
+    w = 2 * math.pi * torch.arange(length, dtype=torch.float32)[None, :, None] / length  # (1, L, 1)
+    f = torch.linspace(1e-4, bands - 1, bands)[None, None]  # (1, 1, bands)
+    angle = f * w  # (1, L, bands)
+    return torch.cat([t, torch.cos(angle), -torch.sin(angle)], dim=-1)
+
+
+def hyena_decay_rates(d_model: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
+                      target: float = 1e-2) -> torch.Tensor:
+    """Per-channel exponential decay rates of the Hyena modulation: (1, 1, H)."""
+    max_decay = math.log(target) / fast_decay_pct
+    min_decay = math.log(target) / slow_decay_pct
+    return torch.linspace(min_decay, max_decay, d_model)[None, None]
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """How one forward pass convolves: the sequence length, the FFT size and the padding mask."""
+
+    length: int
+    fft_size: int
+    keep: torch.Tensor | None  # (B, 1, L) 0/1 in `masked` mode, else None
+
+
+class ImplicitFilterMLP(nn.Module):
+    """Hyena's implicit filter: positional features (1, L, E) -> filter values (1, L, H).
+
+    Three Linear+Sin layers (sin(w_mod * freq * x), `freq` shared and passed in) and a bias-free
+    output projection.
+    """
+
+    def __init__(self, emb_dim: int, order: int, d_model: int, num_inner: int = 2):
+        super().__init__()
+        self.in_proj = nn.Linear(emb_dim, order)
+        self.hidden = nn.ModuleList(nn.Linear(order, order) for _ in range(num_inner))
+        self.out_proj = nn.Linear(order, d_model, bias=False)
+
+    def forward(self, z: torch.Tensor, sin_freq: torch.Tensor, w_mod: float) -> torch.Tensor:
+        h = torch.sin(w_mod * sin_freq * self.in_proj(z))
+        for layer in self.hidden:
+            h = torch.sin(w_mod * sin_freq * layer(h))
+        return self.out_proj(h)
+
+
+class HyenaFilter(nn.Module):
+    """A bidirectional implicit long-convolution filter with its D skip term (Hyena, arXiv 2302.10866).
+
+    The forward kernel k_fwd and reverse kernel k_rev (each (H, L)) act as
+        y[n] = sum_{m<=n} k_fwd[n-m] u[m] + sum_{m>n} k_rev[m-n-1] u[m] + D u[n].
+    `z` (trainable positional features) is always loaded from checkpoints, never recomputed.
+    """
+
+    def __init__(self, d_model: int, l_max: int, emb_dim: int, order: int, w: float, w_mod: float,
+                 bidirectional: bool):
+        super().__init__()
+        self.w_mod = w_mod
+        self.d_skip = nn.Parameter(torch.randn(d_model))  # (H,)
+        self.z = nn.Parameter(hyena_positional_features(l_max, emb_dim))  # (1, L, E)
+        self.register_buffer("t", torch.linspace(0, 1, l_max)[None, :, None])  # (1, L, 1)
+        self.register_buffer("decay_rates", hyena_decay_rates(d_model))  # (1, 1, H)
+        self.sin_freq = nn.Parameter(w * torch.ones(1, order))  # one Sin shared by both MLPs
+        self.forward_mlp = ImplicitFilterMLP(emb_dim, order, d_model)
+        self.reverse_mlp = ImplicitFilterMLP(emb_dim, order, d_model) if bidirectional else None
+        self._spectrum_cache: dict = {}
+
+    def _kernel(self, mlp: ImplicitFilterMLP, length: int) -> torch.Tensor:
+        z, t = self.z[:, :length], self.t[:, :length]
+        h = mlp(z, self.sin_freq, self.w_mod) * torch.exp(-t * self.decay_rates.abs())  # (1, L, H)
+        return h[0].transpose(0, 1)  # (H, L)
+
+    def circular_kernel(self, length: int, fft_size: int) -> torch.Tensor:
+        """The kernel on a circle of fft_size >= 2*length: k_fwd at the head, reversed k_rev at the tail."""
+        if fft_size < 2 * length:
+            raise ValueError(f"fft_size {fft_size} must be at least twice the length {length}")
+        kernel = F.pad(self._kernel(self.forward_mlp, length), (0, fft_size - length))  # (H, N)
+        if self.reverse_mlp is not None:
+            k_rev = self._kernel(self.reverse_mlp, length)
+            kernel = kernel + F.pad(k_rev.flip(-1), (fft_size - length, 0))
+        return kernel
+
+    def spectrum(self, length: int, fft_size: int) -> torch.Tensor:
+        """rfft of the circular kernel, (H, fft_size//2 + 1), fp32. Cached while not training."""
+        if self.training or torch.is_grad_enabled():
+            return torch.fft.rfft(self.circular_kernel(length, fft_size).float(), n=fft_size)
+        key = (length, fft_size) + tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if key not in self._spectrum_cache:
+            self._spectrum_cache.clear()
+            self._spectrum_cache[key] = torch.fft.rfft(self.circular_kernel(length, fft_size).float(), n=fft_size)
+        return self._spectrum_cache[key]
+
+    def forward(self, u: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+        """u: (B, H, L) -> (B, H, L)."""
+        return fft_long_conv(u, self.spectrum(plan.length, plan.fft_size), self.d_skip, plan.fft_size)
+
+
+class MonarchMixerSequenceMixer(nn.Module):
+    """Gated bidirectional long convolution (the M2 replacement for attention)."""
+
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.hidden_size = h
+        self.in_proj = nn.Linear(h, 3 * h)
+        self.short_conv = nn.Conv1d(3 * h, 3 * h, kernel_size=3, groups=3 * h, padding=2)
+        filter_args = dict(d_model=h, l_max=config.max_position_embeddings, emb_dim=config.hyena_emb_dim,
+                           order=config.hyena_filter_order, w=config.hyena_w, w_mod=config.hyena_w_mod,
+                           bidirectional=config.bidirectional)
+        self.long_conv = HyenaFilter(**filter_args)
+        self.residual_long_conv = HyenaFilter(**filter_args) if config.residual_long_conv else None
+        self.out_proj = nn.Linear(h, h)
+
+    def forward(self, u: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+        """u: (B, L, H) -> (B, L, H)."""
+        from . import kernels  # late import: picks the fused CUDA path when available
+
+        projected = self.in_proj(u).transpose(1, 2)  # (B, 3H, L)
+        residual = self.residual_long_conv
+        y = kernels.monarch_mixer_core(
+            projected,
+            u.transpose(1, 2),  # (B, H, L)
+            self.short_conv.weight,
+            self.short_conv.bias,
+            self.long_conv.spectrum(plan.length, plan.fft_size),
+            self.long_conv.d_skip,
+            None if residual is None else residual.spectrum(plan.length, plan.fft_size),
+            None if residual is None else residual.d_skip,
+            plan.fft_size,
+            plan.keep,
+        )  # (B, H, L)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class BlockDiagonalLinear(nn.Module):
+    """Linear map with a block-diagonal weight of `nblocks` blocks, stored as (nblocks, out/n, in/n)."""
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(nblocks, out_features // nblocks, in_features // nblocks))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        bound = 1 / math.sqrt(in_features // nblocks)  # nn.Linear's default, per block
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_diagonal_linear(x, self.weight, self.bias)
+
+
+class MonarchGLUMLP(nn.Module):
+    """State mixer: block-diagonal GLU MLP with a post-LayerNorm residual."""
+
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        n = config.monarch_mlp_nblocks
+        self.intermediate_size = config.intermediate_size
+        self.gate_value_proj = BlockDiagonalLinear(config.hidden_size, 2 * config.intermediate_size, n, bias=False)
+        self.out_proj = BlockDiagonalLinear(config.intermediate_size, config.hidden_size, n, bias=True)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """a: (B, L, H) -> (B, L, H)."""
+        gate, value = self.gate_value_proj(a).split(self.intermediate_size, dim=-1)  # (B, L, I) each
+        h = self.dropout(self.out_proj(F.gelu(gate) * value))
+        return self.layer_norm(h + a)
+
+
+class M2BertLayer(nn.Module):
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        self.sequence_mixer = MonarchMixerSequenceMixer(config)
+        self.state_mixer = MonarchGLUMLP(config)
+
+    def forward(self, h: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+        return self.state_mixer(self.sequence_mixer(h, plan))
+
+
+class M2BertEmbeddings(nn.Module):
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: (B, L) -> (B, L, H)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + self.position_embeddings(positions)
+        return self.dropout(self.layer_norm(h))
+
+
+class M2BertPreTrainedModel(nn.Module):
+    """Shared weight init and the Hugging Face style `from_pretrained` / `save_pretrained`."""
+
+    config_class = M2BertConfig
+
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        self.config = config
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # BERT's init for projections and embeddings; Hyena's implicit-filter MLPs keep PyTorch's default
+        # (their Sin activations are tuned to it) and block-diagonal weights keep nn.Linear's per block.
+        std = self.config.initializer_range
+        if isinstance(module, (MonarchMixerSequenceMixer, M2BertPooler, M2BertMLMHead)):
+            for child in module.children():
+                if isinstance(child, nn.Linear):
+                    nn.init.normal_(child.weight, std=std)
+                    if child.bias is not None:
+                        nn.init.zeros_(child.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, exclude_position_tables: bool = False) -> int:
+        """Trainable parameters; optionally without the length-dependent position embeddings and z."""
+        total = 0
+        for name, p in self.named_parameters():
+            if exclude_position_tables and (name.endswith("position_embeddings.weight") or name.endswith(".z")):
+                continue
+            total += p.numel()
+        return total
+
+    @classmethod
+    def from_pretrained(cls, directory, **config_overrides):
+        """Load our `save_pretrained` output or an authors' checkpoint directory (see `model.loading`)."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, directory, **config_overrides)
+
+    def save_pretrained(self, directory) -> None:
+        """Write `config.json` and `model.safetensors` (tied weights stored once)."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+class M2BertPooler(nn.Module):
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))  # (B, H): the [CLS] position
+
+
+class M2BertModel(M2BertPreTrainedModel):
+    """The M2-BERT encoder. `pooler_output` is the retrieval embedding (compare with cosine similarity)."""
+
+    def __init__(self, config: M2BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = M2BertEmbeddings(config)
+        self.layers = nn.ModuleList(M2BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = M2BertPooler(config) if add_pooling_layer else None
+        self.gradient_checkpointing = config.gradient_checkpointing
+        self.post_init()
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def conv_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ConvPlan:
+        length = input_ids.shape[1]
+        max_length = self.config.max_position_embeddings
+        if length > max_length:
+            raise ValueError(f"input has {length} tokens but this model's maximum length is {max_length}; "
+                             "truncate it (encode() does) or use a longer model")
+        keep = None
+        if self.config.padding_mode == "masked" and attention_mask is not None:
+            keep = attention_mask[:, None, :].to(self.embeddings.word_embeddings.weight.dtype)  # (B, 1, L)
+        # `reference` mode must reproduce the authors' FFT of exactly 2L; `masked` may use any size >= 2L.
+        fft_size = 2 * length if self.config.padding_mode == "reference" else fast_fft_size(2 * length)
+        return ConvPlan(length=length, fft_size=fft_size, keep=keep)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        """input_ids: (B, L) with L <= max_position_embeddings.
+
+        In `reference` mode the attention mask is ignored, exactly as in the authors' encoder (pad to the
+        full length to reproduce their embeddings); in `masked` mode it removes padding's influence.
+        """
+        plan = self.conv_plan(input_ids, attention_mask)
+        h = self.embeddings(input_ids, token_type_ids)  # (B, L, H)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, plan, use_reentrant=False)
+            else:
+                h = layer(h, plan)
+        pooled = self.pooler(h) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
+               tokenizer=None, show_progress_bar: bool = False):
+        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order.
+
+        `reference` mode pads every batch to the model's full length (as the released models need);
+        `masked` mode sorts texts by length and pads each batch only to a fast FFT length.
+        """
+        from .encoding import encode_texts
+
+        return encode_texts(self, texts, batch_size=batch_size, max_length=max_length, tokenizer=tokenizer,
+                            show_progress_bar=show_progress_bar)
+
+
+class M2BertMLMHead(nn.Module):
+    """BERT's prediction head: dense -> GELU -> LayerNorm -> decoder (weight tied to the word embeddings)."""
+
+    def __init__(self, config: M2BertConfig):
+        super().__init__()
+        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.transform(h))))
+
+
+class M2BertForMaskedLM(M2BertPreTrainedModel):
+    """M2-BERT with the masked-LM head used for pretraining (no pooler, as the authors' model)."""
+
+    def __init__(self, config: M2BertConfig):
+        super().__init__(config)
+        self.m2_bert = M2BertModel(config, add_pooling_layer=False)
+        self.mlm_head = M2BertMLMHead(config)
+        self.post_init()
+        self.tie_weights()
+
+    # Keys of tensors that alias another one; written once by save_pretrained.
+    tied_weight_keys = ("mlm_head.decoder.weight",)
+
+    def tie_weights(self) -> None:
+        self.mlm_head.decoder.weight = self.m2_bert.embeddings.word_embeddings.weight
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.m2_bert.gradient_checkpointing_enable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> MaskedLMOutput:
+        """Without labels: logits (B, L, V). With labels (B, L), -100 where not masked: `loss` is the mean
+        cross-entropy over masked positions and `logits` are only those positions, (n_masked, V), in
+        row-major order, since full logits at 32k tokens would cost gigabytes."""
+        h = self.m2_bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, L, H)
+        if labels is None:
+            return MaskedLMOutput(logits=self.mlm_head(h), hidden_states=(h,))
+        selected = labels != -100  # (B, L)
+        logits = self.mlm_head(h[selected])  # (n_masked, V)
+        loss = F.cross_entropy(logits.float(), labels[selected])
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=(h,))
