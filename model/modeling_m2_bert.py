@@ -337,18 +337,17 @@ class M2BertModel(M2BertPreTrainedModel):
         pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
 
-    @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
-               tokenizer=None, show_progress_bar: bool = False):
+               show_progress_bar: bool = False):
         """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order.
 
         `reference` mode pads every batch to the model's full length (as the released models need);
-        `masked` mode sorts texts by length and pads each batch only to a fast FFT length.
+        `masked` mode batches texts of similar length and pads only to the batch's longest.
         """
-        from .encoding import encode_texts
+        from .encoders import M2Encoder
 
-        return encode_texts(self, texts, batch_size=batch_size, max_length=max_length, tokenizer=tokenizer,
-                            show_progress_bar=show_progress_bar)
+        return M2Encoder(self).encode(texts, batch_size=batch_size, max_length=max_length,
+                                      show_progress_bar=show_progress_bar)
 
 
 class M2BertMLMHead(nn.Module):

