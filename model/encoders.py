@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Masked-mode M2 batches are padded to a multiple of this: keeps shapes (and FFT plans) few.
 PAD_MULTIPLE = 64
+# The one sentence-transformers module of our M2 fine-tuning exports (defined in `model.st_module`).
+M2_SENTENCE_MODULE = "model.st_module.M2SentenceEncoder"
 MINILM_ALIASES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm")
 
 
@@ -51,6 +53,10 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
     def save(self, directory) -> None:
+        raise NotImplementedError
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations in the backward pass (trades compute for training memory)."""
         raise NotImplementedError
 
     @property
@@ -135,8 +141,14 @@ class M2Encoder(TextEncoder):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(features["input_ids"], features["attention_mask"]).pooler_output
 
+    def gradient_checkpointing_enable(self) -> None:
+        self.model.gradient_checkpointing_enable()
+
     def save(self, directory) -> None:
-        self.model.save_pretrained(directory)
+        """An M2-BERT checkpoint that is also a sentence-transformers model (see `model.st_module`)."""
+        from .st_module import save_sentence_transformer
+
+        save_sentence_transformer(self.model, directory)
 
 
 class SentenceTransformerEncoder(TextEncoder):
@@ -175,6 +187,9 @@ class SentenceTransformerEncoder(TextEncoder):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(dict(features))["sentence_embedding"]
 
+    def gradient_checkpointing_enable(self) -> None:
+        self.model.gradient_checkpointing_enable()
+
     def save(self, directory) -> None:
         self.model.save(str(directory))
 
@@ -190,10 +205,14 @@ def minilm_path() -> Path:
 
 
 def is_m2_directory(path: Path) -> bool:
-    """True when `path` holds an M2-BERT checkpoint (ours or the authors')."""
+    """True when `path` holds an M2-BERT checkpoint (ours or the authors'), including our fine-tuning
+    exports, which are sentence-transformers models too (their one module is `model.st_module`'s)."""
     config = path / "config.json"
-    if not config.is_file() or (path / "modules.json").is_file():
+    if not config.is_file():
         return False
+    if (path / "modules.json").is_file():
+        modules = json.loads((path / "modules.json").read_text())
+        return [module.get("type") for module in modules] == [M2_SENTENCE_MODULE]
     values = json.loads(config.read_text())
     return values.get("model_type") == "m2_bert" or "monarch_mlp_nblocks" in values or "hyena_filter_order" in values
 

@@ -1,10 +1,371 @@
 """Dispatch for the Monarch Mixer hot paths: the fused CUDA kernels of `csrc/` when built and usable for
-the input, the PyTorch reference in `model.ops` otherwise."""
+the input, the PyTorch reference in `model.ops` otherwise. Two entry points: `monarch_mixer_core` (the
+sequence mixer between its projections) and `block_diagonal_glu` (the GLU MLP's two block-diagonal
+layers and GELU gate).
+
+`M2_KERNELS` selects the path: `auto` (default) uses the kernels for CUDA tensors of a supported shape and
+dtype once the extension is built or loads, `cuda` requires them (an error says why when they cannot run),
+`torch` always uses the reference. Importing this module, or running the model on CPU tensors, never
+compiles anything: the extension is built (or loaded from its cache) on the first call that would use it.
+See docs/kernels.md for the algorithms and the ahead-of-time build.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .ops import block_diagonal_linear
 from .ops import monarch_mixer_core as torch_monarch_mixer_core
 
+logger = logging.getLogger(__name__)
 
-def monarch_mixer_core(*args):
+MODES = ("auto", "torch", "cuda")
+MODE_VARIABLE = "M2_KERNELS"
+EXTENSION_NAME = "m2_mixer_kernels"
+EMULATED_EXTENSION_NAME = "m2_mixer_kernels_emulated"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+MAX_LENGTH = 32768
+MIN_TRANSFORM_LENGTH = 64  # shortest transform: n = 128, sub-problems of 16 points
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class KernelsUnavailable(RuntimeError):
+    """The fused kernels cannot run here (no CUDA, no compiler, a failed build, or an unsupported input)."""
+
+
+def kernel_mode() -> str:
+    """The path `M2_KERNELS` asks for: `auto`, `torch` or `cuda`."""
+    mode = os.environ.get(MODE_VARIABLE, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{MODE_VARIABLE}={mode!r}; expected one of {MODES}")
+    return mode
+
+
+def _build_flags(host_emulation: bool) -> dict:
+    common = ["-O3"]  # torch adds the C++ standard it needs
+    if host_emulation:
+        return dict(extra_cflags=common + ["-DM2_HOST_EMULATION"], with_cuda=False)
+    # No --use_fast_math: the FFTs need IEEE division and denormals to match the reference to ~1e-6.
+    return dict(extra_cflags=common, extra_cuda_cflags=common, with_cuda=True)
+
+
+def build_extension(host_emulation: bool = False, build_directory: str | os.PathLike | None = None,
+                    verbose: bool = False):
+    """Compile (or load from torch's extension cache) the kernels with `torch.utils.cpp_extension.load`.
+
+    `host_emulation=True` builds the CPU version that runs the same kernel bodies on CPU tensors (for the
+    tests, see csrc/host_emulation.cpp); it needs only a C++ compiler. `build_directory` defaults to
+    torch's cache (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions).
+    """
+    from torch.utils import cpp_extension
+
+    if not CSRC.is_dir():
+        raise KernelsUnavailable(f"kernel sources not found at {CSRC} (install from a source checkout, "
+                                 "or build them ahead of time: see docs/kernels.md)")
+    if host_emulation:
+        name, sources = EMULATED_EXTENSION_NAME, [CSRC / "binding.cpp", CSRC / "host_emulation.cpp"]
+    else:
+        if cpp_extension.CUDA_HOME is None:
+            raise KernelsUnavailable("no CUDA toolkit found to compile the kernels (set CUDA_HOME)")
+        name, sources = EXTENSION_NAME, [CSRC / "binding.cpp", CSRC / "kernels.cu"]
+    logger.info("loading the %s extension (compiled on first use and cached; this can take minutes)", name)
+    if build_directory is not None:
+        os.makedirs(build_directory, exist_ok=True)
+        build_directory = str(build_directory)
+    return cpp_extension.load(name=name, sources=[str(s) for s in sources], verbose=verbose,
+                              build_directory=build_directory, extra_include_paths=[str(CSRC)],
+                              **_build_flags(host_emulation))
+
+
+_cuda_extension: list = []  # [module] or [KernelsUnavailable] once the first attempt has decided
+
+
+def cuda_extension():
+    """The CUDA extension: the ahead-of-time build if installed (`pip install ./csrc`), else the JIT build.
+
+    Raises KernelsUnavailable when neither works. The outcome, failure included, is kept for the process,
+    so that a failed build is not retried on every call.
+    """
+    if not _cuda_extension:
+        _cuda_extension.append(_load_cuda_extension())
+    if isinstance(_cuda_extension[0], KernelsUnavailable):
+        raise _cuda_extension[0]
+    return _cuda_extension[0]
+
+
+def _load_cuda_extension():
+    if not torch.cuda.is_available():
+        return KernelsUnavailable("CUDA is not available")
+    try:
+        import m2_mixer_kernels  # the ahead-of-time build
+
+        return m2_mixer_kernels
+    except ImportError:
+        pass
+    try:
+        return build_extension()
+    except KernelsUnavailable as error:
+        return error
+    except Exception as error:  # a compiler or linker failure: report it, then use the reference
+        logger.warning("building the Monarch Mixer kernels failed: %s", error)
+        return KernelsUnavailable(f"building the kernels failed: {error}")
+
+
+def _unsupported_reason(projected: torch.Tensor, layer_input: torch.Tensor, long_conv_spectrum: torch.Tensor,
+                        residual_conv_spectrum: torch.Tensor | None, keep: torch.Tensor | None) -> str | None:
+    """Why the kernels cannot take this input, or None."""
+    tensors = [projected, layer_input, long_conv_spectrum]
+    tensors += [t for t in (residual_conv_spectrum, keep) if t is not None]
+    if not all(t.is_cuda for t in tensors):
+        return "the tensors are not all on a CUDA device"
+    if len({t.device for t in tensors}) > 1:
+        return "the tensors are on different devices"
+    if projected.dtype not in SUPPORTED_DTYPES or layer_input.dtype != projected.dtype:
+        return f"activations of dtype {projected.dtype} (the kernels take float32 or bfloat16)"
+    if long_conv_spectrum.dtype != torch.complex64:
+        return f"spectrum of dtype {long_conv_spectrum.dtype} (the kernels take complex64)"
+    batch, _, length = projected.shape
+    if length > MAX_LENGTH:
+        return f"length {length} (the kernels go up to {MAX_LENGTH})"
+    if batch > 65535:
+        return f"batch {batch} (the kernels go up to 65535)"
+    return None
+
+
+def transform_size(length: int) -> int:
+    """The kernels' FFT size for a length: twice the next power of two (at least 128)."""
+    return 2 * max(MIN_TRANSFORM_LENGTH, 1 << max(length - 1, 0).bit_length())
+
+
+@functools.cache
+def _twiddles_cpu(n: int) -> torch.Tensor:
+    angle = torch.arange(n, dtype=torch.float64) * (-2 * math.pi / n)
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)  # exp(-2 pi i k / n), rounded once
+
+
+_twiddle_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def twiddles(n: int, device: torch.device) -> torch.Tensor:
+    """exp(-2 pi i k / n) for k < n, complex64, one table per (n, device)."""
+    key = (n, torch.device(device))
+    if key not in _twiddle_tables:
+        _twiddle_tables[key] = _twiddles_cpu(n).to(device)
+    return _twiddle_tables[key]
+
+
+def resample_spectrum(spectrum: torch.Tensor, fft_size: int, length: int, n: int) -> torch.Tensor:
+    """The spectrum (H, n/2 + 1) of the same bidirectional kernel on a circle of n points.
+
+    `spectrum` is the rfft of a circular kernel of fft_size >= 2 * length points: its first `length` taps
+    are the forward kernel and its last `length - 1` taps the reversed backward kernel; the taps between
+    never touch outputs [0, length). Differentiable, so gradients reach the original spectrum.
+    """
+    kernel = torch.fft.irfft(spectrum, n=fft_size)  # (H, fft_size)
+    gap = kernel.new_zeros(kernel.shape[0], n - 2 * length + 1)
+    circular = torch.cat([kernel[:, :length], gap, kernel[:, fft_size - length + 1:]], dim=1)  # (H, n)
+    return torch.fft.rfft(circular, n=n)
+
+
+class _ResampledSpectra:
+    """Resampled spectra of the last few filter spectra seen without gradients (inference), keyed by the
+    source tensor, which is held so that its memory cannot be reused by another tensor while cached."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, spectrum: torch.Tensor, fft_size: int, length: int, n: int) -> torch.Tensor:
+        if spectrum.requires_grad and torch.is_grad_enabled():
+            return resample_spectrum(spectrum, fft_size, length, n)
+        key = (id(spectrum), spectrum._version, fft_size, length, n)
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] is spectrum:
+            self.entries.move_to_end(key)
+            return entry[1]
+        with torch.no_grad():
+            resampled = resample_spectrum(spectrum, fft_size, length, n)
+        self.entries[key] = (spectrum, resampled)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return resampled
+
+
+_resampled_spectra = _ResampledSpectra()
+
+
+def _kernel_spectrum(spectrum: torch.Tensor, fft_size: int, length: int, n: int) -> torch.Tensor:
+    if fft_size == n:
+        return spectrum.resolve_conj().contiguous()
+    return _resampled_spectra.get(spectrum, fft_size, length, n).contiguous()
+
+
+class _MixerCoreFunction(torch.autograd.Function):
+    """`monarch_mixer_core` through the extension's mixer_forward / mixer_backward."""
+
+    @staticmethod
+    def forward(ctx, extension, log2_p, projected, layer_input, weight, bias, spectrum, d_skip,
+                residual_spectrum, residual_d_skip, keep, twiddle_table):
+        y, conv_output = extension.mixer_forward(projected, layer_input, weight, bias, spectrum, d_skip,
+                                                 residual_spectrum, residual_d_skip, keep, twiddle_table, log2_p)
+        ctx.extension, ctx.log2_p = extension, log2_p
+        ctx.save_for_backward(projected, layer_input, weight, bias, spectrum, d_skip, residual_spectrum,
+                              residual_d_skip, keep, twiddle_table, conv_output)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        grads = ctx.extension.mixer_backward(grad_y, *ctx.saved_tensors, ctx.log2_p)
+        return (None, None, *grads, None, None)
+
+
+def fused_monarch_mixer_core(projected, layer_input, short_conv_weight, short_conv_bias, long_conv_spectrum,
+                             long_conv_d, residual_conv_spectrum, residual_conv_d, fft_size, keep=None, *,
+                             extension=None, log2_p: int = 0) -> torch.Tensor:
+    """`model.ops.monarch_mixer_core` through the fused kernels, differentiable in every input but `keep`.
+
+    `extension` defaults to the CUDA build; the tests pass the host emulation build with CPU tensors.
+    `log2_p` fixes the convolution's sub-problem size 2^log2_p (0: the largest that fits the device).
+    """
+    extension = cuda_extension() if extension is None else extension
+    batch, channels, length = projected.shape
+    hidden = channels // 3
+    n = transform_size(length)
+    residual = residual_conv_spectrum is not None
+    if keep is not None:
+        keep = keep.reshape(batch, length).detach().float().contiguous()
+    return _MixerCoreFunction.apply(
+        extension,
+        log2_p,
+        projected,
+        layer_input if residual else None,
+        short_conv_weight.reshape(3 * hidden, 3).float().contiguous(),
+        short_conv_bias.float().contiguous(),
+        _kernel_spectrum(long_conv_spectrum, fft_size, length, n),
+        long_conv_d.float().contiguous(),
+        _kernel_spectrum(residual_conv_spectrum, fft_size, length, n) if residual else None,
+        residual_conv_d.float().contiguous() if residual else None,
+        keep,
+        twiddles(n, projected.device),
+    )
+
+
+class _GeluGateFunction(torch.autograd.Function):
+    """GELU(gate) * value through the extension's gelu_gate_forward / gelu_gate_backward."""
+
+    @staticmethod
+    def forward(ctx, extension, gate_value):
+        ctx.extension = extension
+        ctx.save_for_backward(gate_value)
+        return extension.gelu_gate_forward(gate_value)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hidden):
+        (gate_value,) = ctx.saved_tensors
+        return None, ctx.extension.gelu_gate_backward(gate_value, grad_hidden.contiguous())
+
+
+def torch_block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_weight: torch.Tensor,
+                             out_bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference: out(GELU(gate) * value) with [gate, value] = gate_value(a), both block-diagonal."""
+    gate, value = block_diagonal_linear(a, gate_value_weight).chunk(2, dim=-1)
+    return block_diagonal_linear(torch.nn.functional.gelu(gate) * value, out_weight, out_bias)
+
+
+def fused_block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_weight: torch.Tensor,
+                             out_bias: torch.Tensor | None, *, extension=None) -> torch.Tensor:
+    """`torch_block_diagonal_glu` as two batched GEMMs over strided views of the block layout with the
+    fused GELU gate between them, so that the wide (…, 2I) and (…, I) tensors are each written and read
+    once instead of being permuted into and out of the GEMMs' layout."""
+    extension = cuda_extension() if extension is None else extension
+    nblocks, _, in_per_block = gate_value_weight.shape
+    rows = a.shape[:-1].numel()
+    x = a.reshape(rows, nblocks, in_per_block).transpose(0, 1)  # (n, R, H/n), a view
+    gate_value = torch.bmm(x, gate_value_weight.transpose(1, 2))  # (n, R, 2I/n)
+    hidden = _GeluGateFunction.apply(extension, gate_value)  # (n, R, I/n)
+    out_t = out_weight.transpose(1, 2)  # (n, I/n, H/n)
+    if out_bias is None:
+        out = torch.bmm(hidden, out_t)
+    else:
+        out = torch.baddbmm(out_bias.view(nblocks, 1, -1), hidden, out_t)  # (n, R, H/n)
+    return out.transpose(0, 1).reshape(*a.shape[:-1], -1)
+
+
+def _glu_unsupported_reason(a: torch.Tensor, gate_value_weight: torch.Tensor, out_weight: torch.Tensor,
+                            out_bias: torch.Tensor | None) -> str | None:
+    tensors = [a, gate_value_weight, out_weight] + ([out_bias] if out_bias is not None else [])
+    if not all(t.is_cuda for t in tensors):
+        return "the tensors are not all on a CUDA device"
+    if a.dtype not in SUPPORTED_DTYPES or any(t.dtype != a.dtype for t in tensors):
+        dtypes = sorted({str(t.dtype) for t in tensors})
+        return f"GLU tensors of dtypes {dtypes} (the kernels take all float32 or all bfloat16)"
+    if gate_value_weight.shape[0] % 2 or gate_value_weight.shape[0] != out_weight.shape[0]:
+        return "a block layout the GELU gate does not cover (it needs an even number of blocks)"
+    return None
+
+
+@functools.cache
+def _log_fallback_once(reason: str) -> None:
+    logger.info("Monarch Mixer kernels not used (%s); using the PyTorch path", reason)
+
+
+def _use_kernels(reason: str | None) -> bool:
+    """Whether to take the kernel path given why the input does not suit it (None: it does), per M2_KERNELS."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if reason is None:
+        try:
+            cuda_extension()
+        except KernelsUnavailable as error:
+            reason = str(error)
+    if reason is None:
+        return True
+    if mode == "cuda":
+        raise KernelsUnavailable(f"{MODE_VARIABLE}=cuda but the kernels cannot run: {reason}")
+    _log_fallback_once(reason)
+    return False
+
+
+def monarch_mixer_core(
+    projected: torch.Tensor,
+    layer_input: torch.Tensor,
+    short_conv_weight: torch.Tensor,
+    short_conv_bias: torch.Tensor,
+    long_conv_spectrum: torch.Tensor,
+    long_conv_d: torch.Tensor,
+    residual_conv_spectrum: torch.Tensor | None,
+    residual_conv_d: torch.Tensor | None,
+    fft_size: int,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sequence mixer between its projections (see `model.ops.monarch_mixer_core` for the contract),
+    through the fused kernels or the PyTorch reference as `M2_KERNELS` and the input allow."""
+    args = (projected, layer_input, short_conv_weight, short_conv_bias, long_conv_spectrum, long_conv_d,
+            residual_conv_spectrum, residual_conv_d, fft_size, keep)
+    if kernel_mode() != "torch" and _use_kernels(
+            _unsupported_reason(projected, layer_input, long_conv_spectrum, residual_conv_spectrum, keep)):
+        return fused_monarch_mixer_core(*args)
     return torch_monarch_mixer_core(*args)
+
+
+def block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_weight: torch.Tensor,
+                       out_bias: torch.Tensor | None) -> torch.Tensor:
+    """The GLU MLP before its dropout and LayerNorm: out(GELU(gate) * value), [gate, value] = gate_value(a).
+
+    a: (..., H); gate_value_weight: (n, 2I/n, H/n) and out_weight: (n, H/n, I/n), block-diagonal as in
+    `model.ops.block_diagonal_linear`; out_bias: (H,) or None. Through the GEMM-layout path with the fused
+    GELU gate or the PyTorch reference, as `M2_KERNELS` and the input allow.
+    """
+    if kernel_mode() != "torch" and _use_kernels(_glu_unsupported_reason(a, gate_value_weight, out_weight, out_bias)):
+        return fused_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
+    return torch_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)

@@ -1,0 +1,363 @@
+"""The Beam transforms of the mixture pipeline, each a small named step.
+
+    (source, path) -> ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates -> TokenizeDocuments
+      -> AssignSplitsAndPartitions -> GroupByKey -> WritePartitions (MDS, one folder per stream and partition)
+
+Every step that leaves something out emits a `Tally` (and counts it in a Beam counter, for progress);
+`CountTallies` adds them up per file and outcome for the run summary. Nothing here depends on how a runner
+bundles or orders elements: documents are identified by content hash, and each output partition is written
+from its documents sorted by hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import NamedTuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from .documents import digest_fraction, parse_record, partition_of, tokenize_texts
+from .manifest import KINDS, SOURCES, stream_name
+from .readers import read_records
+from .records import (DOCUMENT, DUPLICATE, TOO_SHORT, BadInputError, BadRecord, Document, Tally, TokenizedDocument,
+                      bad_input_message)
+from .samples import TOKEN_DTYPE, concatenated_samples, natural_samples
+
+TALLIES = "tallies"
+METRICS_NAMESPACE = "dataprep"
+TOKENIZE_BATCH_DOCUMENTS = 64
+TALLY_EXAMPLES = 5
+MDS_COLUMNS = {"input_ids": "ndarray:uint16", "source": "str", "kind": "str"}
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineSettings(NamedTuple):
+    """What the transforms need to know about the run (all of it comes from the command line)."""
+
+    staging: str                 # folder the MDS partitions are written under
+    seq_len: int
+    min_tokens: int
+    validation_fraction: float
+    partitions: int
+    max_record_bytes: int
+    strict: bool
+
+
+def open_uncompressed(path: str):
+    """A Beam filesystem file opened as raw bytes (the readers decompress themselves, to see truncation)."""
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _bad_record_tally(record: BadRecord, strict: bool) -> beam.pvalue.TaggedOutput:
+    message = bad_input_message(record)
+    if strict:
+        raise BadInputError(message)
+    logger.warning("bad input: %s", message)
+    Metrics.counter(METRICS_NAMESPACE, f"bad_{record.reason}").inc()
+    return beam.pvalue.TaggedOutput(TALLIES, Tally(record.source, record.file, record.reason, record.line,
+                                                   record.detail))
+
+
+class _ReadFileFn(beam.DoFn):
+    def __init__(self, max_record_bytes: int, strict: bool):
+        self._max_record_bytes = max_record_bytes
+        self._strict = strict
+        self._files_read = Metrics.counter(METRICS_NAMESPACE, "files_read")
+
+    def process(self, source_and_path):
+        source, path = source_and_path
+        started, records, problems = time.monotonic(), 0, 0
+        for item in read_records(source, path, open_uncompressed, self._max_record_bytes):
+            if isinstance(item, BadRecord):
+                problems += 1
+                yield _bad_record_tally(item, self._strict)
+            else:
+                records += 1
+                yield item
+        self._files_read.inc()
+        logger.info("read %s: %d records, %d unreadable, in %.1f s", path, records, problems,
+                    time.monotonic() - started)
+
+
+class ReadCorpusFiles(beam.PTransform):
+    """(source, path) pairs -> `RawRecord`s, plus a `tallies` output for unreadable files and records."""
+
+    def __init__(self, max_record_bytes: int, strict: bool):
+        super().__init__()
+        self._max_record_bytes = max_record_bytes
+        self._strict = strict
+
+    def expand(self, files):
+        return (files
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadFileFn(self._max_record_bytes, self._strict)).with_outputs(
+                    TALLIES, main="records"))
+
+
+class _ParseRecordFn(beam.DoFn):
+    def __init__(self, strict: bool):
+        self._strict = strict
+        self._documents = {source: Metrics.counter(METRICS_NAMESPACE, f"documents_read_{source}")
+                           for source in SOURCES}
+
+    def process(self, record):
+        parsed = parse_record(record)
+        if isinstance(parsed, BadRecord):
+            yield _bad_record_tally(parsed, self._strict)
+            return
+        self._documents[parsed.source].inc()
+        yield beam.pvalue.TaggedOutput(TALLIES, Tally(parsed.source, parsed.file, DOCUMENT, parsed.line, ""))
+        yield parsed
+
+
+class ParseDocuments(beam.PTransform):
+    """`RawRecord`s -> clean `Document`s, plus a `tallies` output (one per document read, one per bad record)."""
+
+    def __init__(self, strict: bool):
+        super().__init__()
+        self._strict = strict
+
+    def expand(self, records):
+        return records | "Parse" >> beam.ParDo(_ParseRecordFn(self._strict)).with_outputs(TALLIES, main="documents")
+
+
+def _copy_order(document: Document) -> tuple:
+    return SOURCES.index(document.source), document.file, document.line
+
+
+class _KeepFirstCopyFn(beam.DoFn):
+    def __init__(self):
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicates_removed")
+
+    def process(self, digest_and_copies):
+        _, copies = digest_and_copies
+        kept, *others = sorted(copies, key=_copy_order)
+        yield kept
+        for copy in others:
+            self._duplicates.inc()
+            yield beam.pvalue.TaggedOutput(TALLIES, Tally(copy.source, copy.file, DUPLICATE, copy.line,
+                                                          f"same text as {kept.file} line {kept.line}"))
+
+
+class DropExactDuplicates(beam.PTransform):
+    """One `Document` per content hash: the first copy in (source, file, line) order; the others are tallied."""
+
+    def expand(self, documents):
+        return (documents
+                | "KeyByDigest" >> beam.Map(lambda document: (document.digest, document))
+                | "GroupCopies" >> beam.GroupByKey()
+                | "KeepFirstCopy" >> beam.ParDo(_KeepFirstCopyFn()).with_outputs(TALLIES, main="documents"))
+
+
+class _TokenizeFn(beam.DoFn):
+    """Tokenizes batches of documents with the bundled fast tokenizer, loaded once per worker."""
+
+    def __init__(self, min_tokens: int):
+        self._min_tokens = min_tokens
+        self._tokenizer = None
+        self._tokens = Metrics.counter(METRICS_NAMESPACE, "tokens")
+        self._too_short = Metrics.counter(METRICS_NAMESPACE, "documents_too_short")
+
+    def setup(self):
+        from model import load_tokenizer
+
+        self._tokenizer = load_tokenizer()
+
+    def start_bundle(self):
+        self._bundle_documents = self._bundle_tokens = 0
+
+    def process(self, batch):
+        encoded = tokenize_texts(self._tokenizer, [document.text for document in batch])
+        for document, ids in zip(batch, encoded):
+            if len(ids) < self._min_tokens:
+                self._too_short.inc()
+                yield beam.pvalue.TaggedOutput(TALLIES, Tally(document.source, document.file, TOO_SHORT,
+                                                              document.line, f"{len(ids)} tokens"))
+                continue
+            self._tokens.inc(len(ids))
+            self._bundle_documents += 1
+            self._bundle_tokens += len(ids)
+            yield TokenizedDocument(document.source, document.digest, np.asarray(ids, dtype=TOKEN_DTYPE))
+
+    def finish_bundle(self):
+        if self._bundle_documents:
+            logger.info("tokenized %d documents, %d tokens", self._bundle_documents, self._bundle_tokens)
+
+
+class TokenizeDocuments(beam.PTransform):
+    """`Document`s -> `TokenizedDocument`s (no special tokens), dropping those under `min_tokens` tokens."""
+
+    def __init__(self, min_tokens: int):
+        super().__init__()
+        self._min_tokens = min_tokens
+
+    def expand(self, documents):
+        return (documents
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TOKENIZE_BATCH_DOCUMENTS)
+                | "Tokenize" >> beam.ParDo(_TokenizeFn(self._min_tokens)).with_outputs(TALLIES, main="documents"))
+
+
+def _split_of(document: TokenizedDocument, fraction: float, first_per_source: dict, count_per_source: dict) -> str:
+    # Held out by hash; with a non-zero fraction, a source with no document under it still gives its
+    # smallest-hash document to validation (unless it has only one), so small corpora get a validation set
+    # from every source.
+    if digest_fraction(document.digest) < fraction:
+        return "validation"
+    if (fraction > 0 and count_per_source[document.source] > 1
+            and first_per_source[document.source] == document.digest):
+        return "validation"
+    return "train"
+
+
+class AssignSplitsAndPartitions(beam.PTransform):
+    """`TokenizedDocument`s -> ((source, split, partition), (digest, ids)), all three chosen from the content hash."""
+
+    def __init__(self, validation_fraction: float, partitions: int):
+        super().__init__()
+        self._fraction = validation_fraction
+        self._partitions = partitions
+
+    def expand(self, documents):
+        by_source = documents | "KeyBySource" >> beam.Map(lambda document: (document.source, document.digest))
+        first = (by_source
+                 | "SmallestHash" >> beam.CombinePerKey(min))  # hex digests sort as their numbers
+        counts = by_source | "CountPerSource" >> beam.combiners.Count.PerKey()
+        return documents | "Assign" >> beam.Map(self._assign, beam.pvalue.AsDict(first), beam.pvalue.AsDict(counts))
+
+    def _assign(self, document, first_per_source, count_per_source):
+        split = _split_of(document, self._fraction, first_per_source, count_per_source)
+        key = (document.source, split, partition_of(document.digest, self._partitions))
+        return key, (document.digest, document.ids)
+
+
+class _WritePartitionFn(beam.DoFn):
+    """Writes the natural and concatenated MDS samples of one (source, split, partition) group."""
+
+    def __init__(self, staging: str, seq_len: int, min_tokens: int):
+        self._staging = staging
+        self._seq_len = seq_len
+        self._min_tokens = min_tokens
+        self._samples = Metrics.counter(METRICS_NAMESPACE, "samples_written")
+
+    def process(self, key_and_documents):
+        (source, split, partition), documents = key_and_documents
+        ordered = [ids for _, ids in sorted(documents, key=lambda digest_and_ids: digest_and_ids[0])]
+        document_tokens = sum(len(ids) for ids in ordered)
+        builders = {"natural": natural_samples(ordered, self._seq_len, self._min_tokens),
+                    "concat": concatenated_samples(ordered, self._seq_len)}
+        for kind in KINDS:
+            name = stream_name(source, kind)
+            folder = FileSystems.join(self._staging, split, name, f"part-{partition:05d}")
+            samples, tokens = self._write(builders[kind], source, kind, folder)
+            self._samples.inc(samples)
+            logger.info("wrote %s/%s partition %d: %d documents, %d samples, %d tokens",
+                        split, name, partition, len(ordered), samples, tokens)
+            yield {"split": split, "stream": name, "partition": partition, "documents": len(ordered),
+                   "document_tokens": document_tokens, "samples": samples, "tokens": tokens}
+
+    def _write(self, samples, source: str, kind: str, folder: str) -> tuple[int, int]:
+        from streaming import MDSWriter
+
+        count = tokens = 0
+        with tempfile.TemporaryDirectory(prefix="mds-") as local:
+            with MDSWriter(out=local, columns=MDS_COLUMNS, compression="zstd") as writer:
+                for sample in samples:
+                    writer.write({"input_ids": sample, "source": source, "kind": kind})
+                    count += 1
+                    tokens += len(sample)
+            if count:
+                _publish(local, folder)
+        return count, tokens
+
+
+def _publish(local: str, folder: str) -> None:
+    # Through Beam's filesystems, so the staging folder can be local or on object storage alike.
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as source, FileSystems.create(
+                FileSystems.join(folder, name), compression_type=CompressionTypes.UNCOMPRESSED) as target:
+            shutil.copyfileobj(source, target)
+
+
+class WritePartitions(beam.PTransform):
+    """Grouped documents -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, and a stats dict for each."""
+
+    def __init__(self, staging: str, seq_len: int, min_tokens: int):
+        super().__init__()
+        self._staging = staging
+        self._seq_len = seq_len
+        self._min_tokens = min_tokens
+
+    def expand(self, keyed_documents):
+        return (keyed_documents
+                | "GroupPartitions" >> beam.GroupByKey()
+                | "WriteMds" >> beam.ParDo(_WritePartitionFn(self._staging, self._seq_len, self._min_tokens)))
+
+
+class _TallyFn(beam.CombineFn):
+    """Count, and the first few (line, detail) examples by line number."""
+
+    def create_accumulator(self):
+        return 0, []
+
+    def add_input(self, accumulator, line_and_detail):
+        count, examples = accumulator
+        return count + 1, sorted([*examples, line_and_detail])[:TALLY_EXAMPLES]
+
+    def merge_accumulators(self, accumulators):
+        total, merged = 0, []
+        for count, examples in accumulators:
+            total += count
+            merged = sorted([*merged, *examples])[:TALLY_EXAMPLES]
+        return total, merged
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+class CountTallies(beam.PTransform):
+    """`Tally` events -> one dict per (source, file, outcome): count and the first examples."""
+
+    def expand(self, tallies):
+        return (tallies
+                | "KeyByFileAndOutcome" >> beam.Map(lambda t: ((t.source, t.file, t.outcome), (t.line, t.detail)))
+                | "Count" >> beam.CombinePerKey(_TallyFn())
+                | "AsDict" >> beam.MapTuple(lambda key, value: {
+                    "source": key[0], "file": key[1], "outcome": key[2], "count": value[0],
+                    "examples": [{"line": line, "detail": detail} for line, detail in value[1]]}))
+
+
+def build_mixture_pipeline(pipeline: beam.Pipeline, inputs: list[tuple[str, str]], settings: PipelineSettings,
+                           work_folder: str) -> None:
+    """Adds the whole mixture pipeline to `pipeline`: `inputs` are (source, path) pairs of matched files.
+
+    MDS partitions go under `settings.staging`; per-partition stats and the tallies go to JSON-lines files
+    in `work_folder` (`partitions*.jsonl`, `tallies*.jsonl`) for the driver to assemble the manifest.
+    """
+    import json
+
+    files = pipeline | "ListFiles" >> beam.Create(inputs)
+    read = files | "ReadCorpusFiles" >> ReadCorpusFiles(settings.max_record_bytes, settings.strict)
+    parsed = read.records | "ParseDocuments" >> ParseDocuments(settings.strict)
+    unique = parsed.documents | "DropExactDuplicates" >> DropExactDuplicates()
+    tokenized = unique.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
+    keyed = tokenized.documents | "AssignSplitsAndPartitions" >> AssignSplitsAndPartitions(
+        settings.validation_fraction, settings.partitions)
+    stats = keyed | "WritePartitions" >> WritePartitions(settings.staging, settings.seq_len, settings.min_tokens)
+
+    tallies = ((read[TALLIES], parsed[TALLIES], unique[TALLIES], tokenized[TALLIES])
+               | "AllTallies" >> beam.Flatten()
+               | "CountTallies" >> CountTallies())
+    for name, collection in (("partitions", stats), ("tallies", tallies)):
+        (collection
+         | f"Format{name.capitalize()}" >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
+         | f"Save{name.capitalize()}" >> beam.io.WriteToText(FileSystems.join(work_folder, name),
+                                                             file_name_suffix=".jsonl"))

@@ -1,0 +1,9 @@
+"""The LoCo long-document retrieval benchmark: data, models' protocols, search, metrics and reports.
+
+`python -m eval.loco` scores models (docs/eval.md); `python -m eval.needle` makes needle-in-a-haystack
+tasks. Other stages read LoCo-format data through `load_tasks`.
+"""
+
+from .data import LOCOV1_TASKS, LocoDataError, LocoTask, list_tasks, load_tasks
+
+__all__ = ["LOCOV1_TASKS", "LocoDataError", "LocoTask", "list_tasks", "load_tasks"]

@@ -1,0 +1,319 @@
+"""Monarch Mixer kernels, CPU side: path selection, the kernels' own code run by the host emulation
+against the PyTorch reference, and the CUDA sources building with nvcc. The GPU runs are in
+test_kernels_cuda.py, which reuses the helpers at the top of this file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import M2BertConfig, M2BertModel, kernels
+from model.ops import fast_fft_size, monarch_mixer_core
+
+REPO = Path(__file__).resolve().parents[1]
+GRAD_NAMES = ("projected", "layer_input", "short_conv_weight", "short_conv_bias", "long_conv_spectrum",
+              "long_conv_d", "residual_conv_spectrum", "residual_conv_d")
+
+
+# --- helpers shared with test_kernels_cuda.py ----------------------------------------------------------
+
+def mixer_case(batch: int, hidden: int, length: int, dtype: torch.dtype, padding_mode: str, residual: bool = True,
+               channels_last: bool = True, device: str = "cpu", seed: int = 0) -> list:
+    """Random arguments of `monarch_mixer_core` shaped as the model passes them: channels-last views of
+    the projections, the model's FFT size for the padding mode, a keep mask of random text lengths."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device)
+
+    fft_size = 2 * length if padding_mode == "reference" else fast_fft_size(2 * length)
+    if channels_last:
+        projected = randn(batch, length, 3 * hidden).to(dtype).transpose(1, 2)
+        layer_input = randn(batch, length, hidden).to(dtype).transpose(1, 2)
+    else:
+        projected = randn(batch, 3 * hidden, length).to(dtype)
+        layer_input = randn(batch, hidden, length).to(dtype)
+    weight = randn(3 * hidden, 1, 3, scale=0.5).to(dtype)
+    bias = randn(3 * hidden, scale=0.1).to(dtype)
+    # A decaying random kernel on the circle, as the Hyena filters are: forward taps at the head,
+    # backward taps at the tail.
+    decay = torch.exp(-torch.arange(fft_size, dtype=torch.float32) / max(length / 4, 1)).to(device)
+
+    def spectrum():
+        taps = randn(hidden, fft_size, scale=length ** -0.5) * (decay + decay.flip(0))
+        return torch.fft.rfft(taps, n=fft_size)
+
+    keep = None
+    if padding_mode == "masked":
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+        lengths[0] = length
+        keep = (torch.arange(length)[None] < lengths[:, None]).to(dtype)[:, None, :].to(device)
+    return [projected, layer_input, weight, bias, spectrum(), randn(hidden).to(dtype),
+            spectrum() if residual else None, randn(hidden).to(dtype) if residual else None, fft_size, keep]
+
+
+def run_with_grads(core, case: list, grad_y: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """core(*case) and the gradients of <y, grad_y> for the differentiable arguments (None where absent)."""
+    leaves = [arg.detach().clone().requires_grad_() if isinstance(arg, torch.Tensor) else arg for arg in case[:8]]
+    y = core(*leaves, *case[8:])
+    y.backward(grad_y)
+    return y.detach(), [leaf.grad if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
+
+
+def upcast(case: list) -> list:
+    """The same case in float32 (complex64 spectra stay), to compute a reference for bfloat16 inputs."""
+    return [arg.float() if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg for arg in case]
+
+
+def glu_case(rows_shape: tuple, hidden: int, intermediate: int, nblocks: int, dtype: torch.dtype, bias: bool = True,
+             device: str = "cpu", seed: int = 0) -> list:
+    """Random arguments of `block_diagonal_glu` with the model's block layout."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
+
+    return [randn(*rows_shape, hidden), randn(nblocks, 2 * intermediate // nblocks, hidden // nblocks, scale=0.2),
+            randn(nblocks, hidden // nblocks, intermediate // nblocks, scale=0.2), randn(hidden) if bias else None]
+
+
+def assert_glu_matches(glu, case: list, tolerance: float, reference_case: list | None = None) -> None:
+    """Output and gradients of `glu` against `kernels.torch_block_diagonal_glu`, within `tolerance`."""
+    reference_case = case if reference_case is None else reference_case
+    grad = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(1)).to(case[0])
+
+    def run(function, arguments):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in arguments]
+        out = function(*leaves)
+        out.backward(grad.to(out.dtype))
+        return [out.detach()] + [leaf.grad for leaf in leaves if leaf is not None]
+
+    names = ["out", "a", "gate_value_weight", "out_weight", "out_bias"]
+    errors = {name: relative_error(x, y) for name, x, y in
+              zip(names, run(glu, case), run(kernels.torch_block_diagonal_glu, reference_case))}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tolerance, f"{worst}: relative error {errors[worst]:.2e} > {tolerance:.0e}; all: {errors}"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64; NaN anywhere gives inf."""
+    actual = actual.to(torch.complex128 if actual.is_complex() else torch.float64)
+    expected = expected.to(actual.dtype)
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_matches(core, case: list, tolerance: float, reference_case: list | None = None, seed: int = 1) -> None:
+    """Forward output and every gradient of `core` against the PyTorch reference, within `tolerance`."""
+    batch, _, length = case[0].shape
+    hidden = case[1].shape[1]
+    grad_y = torch.randn(batch, hidden, length, generator=torch.Generator().manual_seed(seed)).to(case[0])
+    y, grads = run_with_grads(core, case, grad_y)
+    reference_case = case if reference_case is None else reference_case
+    y_ref, grads_ref = run_with_grads(monarch_mixer_core, reference_case, grad_y.to(reference_case[0].dtype))
+    errors = {"y": relative_error(y, y_ref)}
+    for name, grad, grad_ref in zip(GRAD_NAMES, grads, grads_ref):
+        assert (grad is None) == (grad_ref is None), name
+        if grad is not None:
+            assert grad.dtype == grad_ref.dtype or reference_case is not case, name
+            errors[name] = relative_error(grad, grad_ref)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tolerance, f"{worst}: relative error {errors[worst]:.2e} > {tolerance:.0e}; all: {errors}"
+
+
+# --- path selection --------------------------------------------------------------------------------------
+
+def test_auto_mode_uses_the_reference_for_cpu_tensors_without_loading_the_extension(monkeypatch):
+    monkeypatch.setenv(kernels.MODE_VARIABLE, "auto")
+    case = mixer_case(2, 8, 50, torch.float32, "masked")
+    assert torch.equal(kernels.monarch_mixer_core(*case), monarch_mixer_core(*case))
+    assert kernels._cuda_extension == []  # never even tried to load or build
+
+
+def test_torch_mode_is_the_reference(monkeypatch):
+    monkeypatch.setenv(kernels.MODE_VARIABLE, "torch")
+    case = mixer_case(1, 8, 40, torch.float32, "reference")
+    assert torch.equal(kernels.monarch_mixer_core(*case), monarch_mixer_core(*case))
+
+
+def test_cuda_mode_says_why_the_kernels_cannot_run(monkeypatch):
+    monkeypatch.setenv(kernels.MODE_VARIABLE, "cuda")
+    with pytest.raises(kernels.KernelsUnavailable, match="M2_KERNELS=cuda .*not all on a CUDA device"):
+        kernels.monarch_mixer_core(*mixer_case(1, 8, 40, torch.float32, "reference"))
+
+
+def test_unknown_mode_is_rejected(monkeypatch):
+    monkeypatch.setenv(kernels.MODE_VARIABLE, "fast")
+    with pytest.raises(ValueError, match="M2_KERNELS='fast'"):
+        kernels.monarch_mixer_core(*mixer_case(1, 8, 40, torch.float32, "reference"))
+
+
+def test_importing_and_running_the_model_compiles_nothing(tmp_path):
+    extensions_dir = tmp_path / "torch_extensions"
+    script = (
+        "import sys, torch\n"
+        "from model import M2BertConfig, M2BertModel\n"
+        "model = M2BertModel(M2BertConfig.from_preset('m2-bert-tiny')).eval()\n"
+        "with torch.no_grad():\n"
+        "    model(torch.randint(1000, 2000, (2, 40)), torch.ones(2, 40, dtype=torch.long))\n"
+        "print('cpp_extension imported:', 'torch.utils.cpp_extension' in sys.modules)\n"
+    )
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir), M2_KERNELS="auto")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "cpp_extension imported: False" in result.stdout
+    assert not extensions_dir.exists()
+
+
+def test_transform_size_is_twice_the_next_power_of_two():
+    assert [kernels.transform_size(n) for n in (1, 64, 65, 100, 128, 1000, 2048, 32768)] == \
+        [128, 128, 256, 256, 256, 2048, 4096, 65536]
+
+
+def test_resampled_spectrum_gives_the_same_convolution_and_gradient():
+    length, fft_size = 100, fast_fft_size(200)  # 200 points, not a power of two
+    n = kernels.transform_size(length)
+    x = torch.randn(2, 3, length, dtype=torch.float64)
+    spectrum = torch.fft.rfft(torch.randn(3, fft_size, dtype=torch.float64), n=fft_size).requires_grad_()
+    grad_y = torch.randn(2, 3, length, dtype=torch.float64)
+
+    def conv(spec, size):
+        return torch.fft.irfft(torch.fft.rfft(x, n=size) * spec, n=size)[..., :length]
+
+    y = conv(spectrum, fft_size)
+    (grad,) = torch.autograd.grad(y, spectrum, grad_y)
+    y_resampled = conv(kernels.resample_spectrum(spectrum, fft_size, length, n), n)
+    (grad_resampled,) = torch.autograd.grad(y_resampled, spectrum, grad_y)
+    assert relative_error(y_resampled, y) < 1e-12
+    assert relative_error(grad_resampled, grad) < 1e-12
+
+
+# --- the kernels' code, run by the host emulation -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The extension built for the CPU: binding.cpp with host_emulation.cpp running the kernel bodies."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the host emulation")
+    extension = kernels.build_extension(host_emulation=True, build_directory=tmp_path_factory.mktemp("emulated"))
+    assert extension.host_emulation
+    yield extension
+    extension.set_thread_order(0)
+
+
+@pytest.mark.parametrize("batch, channels, length, log2_p", [
+    (2, 3, 64, 4),     # smallest transform (n = 128), 8 sub-problems of 16 points
+    (1, 2, 100, 7),    # n = 256: two sub-problems, the cyclic and the negacyclic half
+    (2, 2, 300, 6),    # n = 1024: 16 sub-problems; length not a power of two
+    (1, 1, 2048, 9),   # n = 4096
+    (1, 2, 32768, 0),  # the longest rows, n = 65536, with the sub-problem size the kernels choose on an H100
+])
+def test_emulated_long_convolution_matches_a_float64_fft(emulated, batch, channels, length, log2_p):
+    n = kernels.transform_size(length)
+    x = torch.randn(batch, channels, length)
+    spectrum = torch.fft.rfft(torch.randn(channels, n) * n ** -0.5, n=n)
+    grad_y = torch.randn(batch, channels, length)
+    x64 = x.double().requires_grad_()
+    spectrum64 = spectrum.to(torch.complex128).requires_grad_()
+    y64 = torch.fft.irfft(torch.fft.rfft(x64, n=n) * spectrum64, n=n)[..., :length]
+    y64.backward(grad_y.double())
+
+    table = kernels.twiddles(n, "cpu")
+    y = emulated.conv_forward(x, spectrum, table, log2_p)
+    grad_x, grad_spectrum = emulated.conv_backward(x, grad_y, spectrum, table, log2_p)
+    assert relative_error(y, y64) < 1e-5
+    assert relative_error(grad_x, x64.grad) < 1e-5
+    assert relative_error(grad_spectrum, spectrum64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("batch, hidden, length, padding_mode, residual, channels_last", [
+    (2, 40, 128, "reference", True, True),   # spectrum used as given (n = 2L)
+    (2, 33, 100, "masked", True, True),      # resampled spectrum; hidden and length off the 32-tiles
+    (1, 8, 70, "masked", False, False),      # no residual convolution; channels-first inputs
+    (1, 3, 2100, "reference", True, True),   # several chunks per row; n = 8192
+])
+def test_emulated_mixer_core_matches_the_reference_in_float32(emulated, batch, hidden, length, padding_mode,
+                                                              residual, channels_last):
+    case = mixer_case(batch, hidden, length, torch.float32, padding_mode, residual, channels_last)
+    assert_matches(lambda *a: kernels.fused_monarch_mixer_core(*a, extension=emulated), case, tolerance=1e-5)
+
+
+def test_emulated_mixer_core_in_bfloat16_is_as_close_as_bfloat16_allows(emulated):
+    case = mixer_case(2, 16, 200, torch.bfloat16, "masked")
+    # Against the float32 reference on the same (bf16-rounded) inputs: the kernels compute in fp32 and
+    # round once at the output, so the error is about bfloat16's resolution (2^-8).
+    assert_matches(lambda *a: kernels.fused_monarch_mixer_core(*a, extension=emulated), case, tolerance=1e-2,
+                   reference_case=upcast(case))
+
+
+@pytest.mark.parametrize("order", [1, 2], ids=["reverse", "shuffled"])
+def test_emulated_kernels_do_not_depend_on_thread_order(emulated, order):
+    emulated.set_thread_order(order)
+    try:
+        case = mixer_case(2, 12, 150, torch.float32, "masked", seed=order)
+        assert_matches(lambda *a: kernels.fused_monarch_mixer_core(*a, extension=emulated, log2_p=5), case,
+                       tolerance=1e-5)
+    finally:
+        emulated.set_thread_order(0)
+
+
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+def test_emulated_glu_matches_the_reference(emulated, dtype, bias):
+    case = glu_case((2, 37), 64, 128, 4, dtype, bias)
+    glu = lambda *a: kernels.fused_block_diagonal_glu(*a, extension=emulated)  # noqa: E731
+    if dtype == torch.float32:
+        assert_glu_matches(glu, case, tolerance=1e-5)
+    else:
+        assert_glu_matches(glu, case, tolerance=1e-2, reference_case=upcast(case))
+
+
+def test_emulated_model_matches_the_pytorch_path(emulated, monkeypatch):
+    torch.manual_seed(0)
+    model = M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", hidden_dropout_prob=0.0)).eval()
+    input_ids = torch.randint(1000, 2000, (2, 90))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 60:] = 0
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask).last_hidden_state
+        monkeypatch.setattr(kernels, "monarch_mixer_core",
+                            lambda *a: kernels.fused_monarch_mixer_core(*a, extension=emulated))
+        actual = model(input_ids, attention_mask).last_hidden_state
+    assert relative_error(actual, expected) < 1e-5
+
+
+# --- the CUDA build ----------------------------------------------------------------------------------------
+
+def cuda_home() -> str | None:
+    """A CUDA toolkit with nvcc and the runtime library, or None."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists() and any(Path(home).glob("lib*/libcudart.so*")):
+            return home
+    return None
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="this torch is not a CUDA build")
+@pytest.mark.skipif(cuda_home() is None, reason="no CUDA toolkit (nvcc and libcudart) found")
+def test_cuda_extension_builds_with_nvcc_for_sm80_and_sm90(tmp_path):
+    """Compiles binding.cpp and kernels.cu for sm_80 and sm_90 and links the extension; imports it but
+    runs nothing, so it needs no GPU."""
+    script = (
+        "import sys\n"
+        "from model.kernels import build_extension\n"
+        "extension = build_extension(build_directory=sys.argv[1])\n"
+        "print('built', extension.__name__, 'emulated' if extension.host_emulation else 'cuda')\n"
+    )
+    env = dict(os.environ, CUDA_HOME=cuda_home(), TORCH_CUDA_ARCH_LIST="8.0;9.0")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "build")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "built m2_mixer_kernels cuda" in result.stdout
+    ninja = (tmp_path / "build" / "build.ninja").read_text()
+    assert "code=sm_80" in ninja and "code=sm_90" in ninja

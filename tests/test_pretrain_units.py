@@ -1,0 +1,138 @@
+"""The pieces of pretraining that need no launcher: configs and overrides, parameter groups, the learning-rate
+schedule, padding and masking, and the DeepSpeed config the run derives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import M2BertConfig, M2BertForMaskedLM
+from train.config import ConfigError
+from train.distributed import deepspeed_config
+from train.mlm_data import MLMMasker, PaddingCollator
+from train.optim import HyenaGroupConfig, OptimizerConfig, hyena_param_groups, linear_warmup_decay
+from train.pretrain import load_pretrain_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("pretrain_*.yaml"))
+RECIPE = OptimizerConfig(hyena_filter=HyenaGroupConfig(1e-3, 0.1), hyena_positional=HyenaGroupConfig(1e-5, 0.0))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_pretrain_config_parses(path):
+    config = load_pretrain_config(path)
+    assert config.optimizer.betas == (0.9, 0.98) and config.deepspeed["gradient_clipping"] == 1.0
+    assert config.data.mlm_probability == 0.30 and config.data.eval_mlm_probability == 0.15
+    assert config.optimizer.hyena_filter == HyenaGroupConfig(1e-3, 0.1)
+    assert config.optimizer.hyena_positional == HyenaGroupConfig(1e-5, 0.0)
+
+
+def test_overrides_are_typed_and_unknown_keys_are_named(tmp_path):
+    tiny = REPO / "configs" / "pretrain_tiny.yaml"
+    config = load_pretrain_config(tiny, ["training.max_steps=7", "optimizer.lr=1e-4", "deepspeed.zero_optimization.stage=1"])
+    assert config.training.max_steps == 7 and config.optimizer.lr == 1e-4
+    assert config.deepspeed["zero_optimization"]["stage"] == 1
+    with pytest.raises(ConfigError, match=r"pretrain_tiny.yaml.*training\.max_stpes"):
+        load_pretrain_config(tiny, ["training.max_stpes=7"])
+    with pytest.raises(ConfigError, match=r"training\.max_steps must be int"):
+        load_pretrain_config(tiny, ["training.max_steps=many"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_pretrain_config(tiny, ["training.max_steps"])
+    with pytest.raises(ConfigError, match="exactly one of model.preset and model.init_from"):
+        load_pretrain_config(tiny, ["model.init_from=somewhere"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_pretrain_config(bad)
+
+
+def test_global_batch_size_sets_accumulation_per_world_size():
+    training = load_pretrain_config(REPO / "configs" / "pretrain_80M_8k.yaml").training
+    assert training.accumulation_steps(world_size=8) == 64 // (4 * 8)
+    assert training.accumulation_steps(world_size=16) == 1
+    with pytest.raises(ValueError, match="not a multiple"):
+        training.accumulation_steps(world_size=3)
+
+
+def test_hyena_parameter_groups_follow_the_recipe():
+    model = M2BertForMaskedLM(M2BertConfig.from_preset("m2-bert-tiny", max_position_embeddings=64))
+    groups = {g["name"]: g for g in hyena_param_groups(model, RECIPE)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {name: {names[id(p)] for p in g["params"]} for name, g in groups.items()}
+    assert (groups["hyena_filter"]["lr"], groups["hyena_filter"]["weight_decay"]) == (1e-3, 0.1)
+    assert (groups["hyena_positional"]["lr"], groups["hyena_positional"]["weight_decay"]) == (1e-5, 0.0)
+    assert (groups["base"]["lr"], groups["base"]["weight_decay"]) == (5e-4, 1e-5)
+    filters = [n for n in names.values() if ".long_conv." in n or ".residual_long_conv." in n]
+    assert members["hyena_filter"] == {n for n in filters if ".forward_mlp." in n or n.endswith(".sin_freq")}
+    assert members["hyena_positional"] == {n for n in filters if n.endswith(".z")}
+    assert any(".reverse_mlp." in n for n in members["base"]) and any(n.endswith(".d_skip") for n in members["base"])
+    # 2 layers x 2 filters, each with 3 forward-MLP Linear weights + 3 biases + out_proj weight + sin_freq
+    assert len(members["hyena_filter"]) == 2 * 2 * 8 and len(members["hyena_positional"]) == 2 * 2
+    assert sum(len(m) for m in members.values()) == len(names)  # every parameter exactly once
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [param], "lr": 1.0}, {"params": [], "lr": 0.5}])
+    schedule = linear_warmup_decay(optimizer, total_steps=100, warmup_fraction=0.06, final_lr_fraction=0.02)
+    lrs = []
+    for _ in range(100):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx([1 / 6, 0.5 / 6])  # the first update already moves
+    assert lrs[5] == pytest.approx([1.0, 0.5])  # peak at the end of the 6-step warmup
+    assert lrs[99] == pytest.approx([0.02, 0.01])  # alpha_f at the last step
+    assert lrs[52][0] == pytest.approx(1 - 0.98 * (53 - 6) / 94)
+
+
+def test_padding_collator_masks_padding_and_rejects_long_samples():
+    collator = PaddingCollator(seq_len=6)
+    batch = collator([{"input_ids": [101, 7, 8, 102], "kind": "natural"},
+                      {"input_ids": [101, 5, 6, 7, 8, 102], "kind": "concat"}])
+    assert batch["input_ids"].tolist() == [[101, 7, 8, 102, 0, 0], [101, 5, 6, 7, 8, 102]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    assert batch["kind"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"longer than seq_len=6 .*\(0, 7\)"):
+        collator([{"input_ids": list(range(7)), "kind": "concat"}])
+
+
+def test_masking_rates_specials_and_resumable_generator():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (64, 256), generator=generator)  # (B, L)
+    ids[:, 0], ids[:, -1], ids[:8, 200:] = 101, 102, 0
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    masker = MLMMasker(0.30, seed=3)
+    state = masker.generator_state()
+    out = masker(batch)
+    selected = out["labels"] != -100
+    assert not selected[ids == 0].any() and not selected[:, 0].any() and not selected[:, -1].any()
+    assert torch.equal(out["labels"][selected], ids[selected])
+    eligible = (ids != 0).sum().item() - 2 * 64
+    assert selected.sum().item() / eligible == pytest.approx(0.30, abs=0.01)
+    became_mask = (out["input_ids"][selected] == 103).float().mean().item()
+    kept = (out["input_ids"][selected] == ids[selected]).float().mean().item()
+    assert became_mask == pytest.approx(0.8, abs=0.02) and kept == pytest.approx(0.1, abs=0.02)
+    assert torch.equal(out["input_ids"][~selected], ids[~selected])
+    masker.set_generator_state(state)
+    again = masker(batch)
+    assert torch.equal(again["input_ids"], out["input_ids"]) and torch.equal(again["labels"], out["labels"])
+
+
+def test_deepspeed_config_derives_batch_and_precision():
+    block = {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}
+    config = deepspeed_config(block, micro_batch_size=4, gradient_accumulation_steps=2, precision="bf16", world_size=8)
+    assert config["train_batch_size"] == 64 and config["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(block, micro_batch_size=4, gradient_accumulation_steps=2,
+                                          precision="fp32", world_size=1)
+    autocast = deepspeed_config(block, micro_batch_size=1, gradient_accumulation_steps=1, precision="amp_bf16",
+                                world_size=1)
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        deepspeed_config({**block, "train_micro_batch_size_per_gpu": 3}, micro_batch_size=4,
+                         gradient_accumulation_steps=1, precision="fp32", world_size=1)
+    with pytest.raises(ValueError, match="training.precision"):
+        deepspeed_config({**block, "bf16": {"enabled": True}}, micro_batch_size=4, gradient_accumulation_steps=1,
+                         precision="fp32", world_size=1)

@@ -1,0 +1,161 @@
+"""YAML run configs with `section.key=value` command-line overrides, checked against dataclass schemas.
+
+A run reads one YAML file; each override replaces one (possibly nested) key, its value parsed as YAML
+(`training.max_steps=100`, `optimizer.betas=[0.9,0.95]`, `output.dir=runs/x`). The merged mapping is
+then turned into typed dataclasses: an unknown or mistyped key is an error that names the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the source and the key."""
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from `path` (errors name the file)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
+    return values
+
+
+def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """A copy of `values` with each `dotted.key=yaml_value` override applied (intermediate mappings created)."""
+    merged = _deep_copy(values)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {override!r}: expected KEY=VALUE with a dotted KEY such as training.max_steps=10")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from err
+        node = merged
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(schema: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read `path`, apply `overrides` and build the `schema` dataclass from the result."""
+    values = apply_overrides(read_yaml(path), overrides)
+    return from_mapping(schema, values, where=str(path))
+
+
+def from_mapping(schema: type[T], values: dict, where: str, prefix: str = "") -> T:
+    """Build dataclass `schema` from a mapping, recursing into dataclass-typed fields.
+
+    Unknown keys, missing required keys and values of the wrong type raise `ConfigError` naming
+    `where` and the dotted key. Ints are accepted for float fields and lists for tuple fields.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; "
+                          f"known in this section: {sorted(fields)}")
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for name, field in fields.items():
+        key = prefix + name
+        if name not in values:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {key!r}")
+            continue
+        kwargs[name] = _coerce(hints[name], values[name], where, key)
+    try:
+        return schema(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def to_mapping(config: Any) -> dict:
+    """The plain-data form of a config dataclass (tuples as lists), e.g. to save next to a run."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def write_yaml(values: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+
+
+def _coerce(hint, value, where: str, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {key}={value!r} fits none of {hint}")
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where, prefix=key + ".")
+    if hint is Any:
+        return value
+    if origin in (dict,) or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if args:
+            value = [_coerce(args[0] if len(args) == 1 or Ellipsis in typing.get_args(hint) else args[i], v,
+                             where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(value) if (origin or hint) is tuple else list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _deep_copy(values):
+    if isinstance(values, dict):
+        return {k: _deep_copy(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_deep_copy(v) for v in values]
+    return values

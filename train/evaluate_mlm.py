@@ -1,0 +1,64 @@
+"""Masked-LM loss and accuracy of a saved model on a mixture's validation split (one process).
+
+    python -m train.evaluate_mlm --model runs/pretrain-8k/final --manifest data/mixture-8k/manifest.json
+
+The same samples and the same masked positions for every model evaluated with the same manifest,
+sample count and seed, so the losses of different models (e.g. before and after a warm start) compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def validation_mlm_metrics(model, manifest: str | Path, num_samples: int = 256, batch_size: int = 16,
+                           mlm_probability: float = 0.15, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+    """Evaluate `model` (an `M2BertForMaskedLM`) on the first `num_samples` of a seeded shuffle of the
+    manifest's validation split, with `mlm_probability` masking; see `train.mlm_eval.evaluate_mlm`."""
+    from .mlm_data import DataConfig, MLMMasker, PaddingCollator, eval_samples, manifest_seq_len
+    from .mlm_eval import evaluate_mlm
+
+    data = DataConfig(manifest=str(manifest), shuffle_seed=seed)
+    seq_len = manifest_seq_len(manifest)
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"{manifest}: samples of up to {seq_len} tokens, but the model takes at most "
+                         f"{model.config.max_position_embeddings}")
+    samples = eval_samples(data, num_samples, batch_size)
+    model = model.to(device).eval()
+    metrics = evaluate_mlm(model, samples, PaddingCollator(seq_len, pad_to="longest"),
+                           MLMMasker(mlm_probability, seed=seed + 1), batch_size, torch.device(device))
+    return {**metrics, "samples": len(samples), "seq_len": seq_len}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a save_pretrained directory of an M2BertForMaskedLM")
+    parser.add_argument("--manifest", required=True, help="manifest.json of a dataprep mixture")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mlm-probability", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the metrics to this file")
+    args = parser.parse_args(argv)
+
+    from model import M2BertForMaskedLM
+
+    model = M2BertForMaskedLM.from_pretrained(args.model)
+    metrics = validation_mlm_metrics(model, args.manifest, args.samples, args.batch_size, args.mlm_probability,
+                                     args.seed, args.device)
+    metrics.update(model=args.model, manifest=args.manifest)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"{args.model} on {args.manifest}: MLM loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f} "
+          f"({metrics['masked_tokens']:.0f} masked tokens in {metrics['samples']} samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Retrieval fine-tuning examples: (query, positive document, negatives) from LoCo-format tasks.
+
+Following the authors' `gather_loco_training_examples` (reference §4.1): every (query, relevant document)
+pair becomes one `RetrievalExample` with up to N negatives drawn without replacement from the same
+task's documents, excluding the query's relevant ones; random by default, BM25's top-ranked as an option.
+Draws are keyed by (seed, task, query, positive), so an example gets the same negatives whatever else is
+loaded, in any order.
+
+The examples are then laid out as the units one micro-step consumes:
+  * `LabelledPair` for the orthogonal projection loss: (q, pos, 1.0) and (q, neg, 0.0); as in the
+    authors' pair-label data path, the positive pair is repeated once per negative by default (1:1);
+  * `Triplet` for the multiple negatives ranking loss: (q, pos, neg), one per negative.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterable
+
+from eval.data import LocoTask
+
+logger = logging.getLogger(__name__)
+
+NEGATIVE_KINDS = ("random", "bm25")
+
+
+@dataclass(frozen=True)
+class RetrievalExample:
+    """A training query, one of its relevant documents and sampled irrelevant ones (ids within `task`)."""
+
+    task: str
+    qid: str
+    positive_pid: str
+    negative_pids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelledPair:
+    """A (query, document) pair with its target cosine: 1.0 relevant, 0.0 irrelevant."""
+
+    task: str
+    qid: str
+    pid: str
+    label: float
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """A query, a relevant document and an irrelevant one (None: in-batch negatives only)."""
+
+    task: str
+    qid: str
+    positive_pid: str
+    negative_pid: str | None
+
+
+class TaskTexts:
+    """Query and document texts of the loaded tasks, looked up by (task, id)."""
+
+    def __init__(self, tasks: Iterable[LocoTask]):
+        self.tasks = {task.name: task for task in tasks}
+
+    def query(self, task: str, qid: str) -> str:
+        return self.tasks[task].queries[qid]
+
+    def document(self, task: str, pid: str) -> str:
+        return self.tasks[task].documents[pid]
+
+
+def split_queries(tasks: list[LocoTask], heldout: int, max_train: int | None, seed: int
+                  ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training, held-out) lists of (task, qid): a seeded shuffle of every query of every task; the first
+    `heldout` are held out and the next `max_train` (None: all the rest) train."""
+    everything = [(task.name, qid) for task in tasks for qid in task.queries]
+    random.Random(f"{seed}/split").shuffle(everything)
+    if heldout >= len(everything):
+        raise ValueError(f"cannot hold out {heldout} of {len(everything)} queries and still train")
+    held = everything[:heldout]
+    rest = everything[heldout:]
+    return (rest if max_train is None else rest[:max_train]), held
+
+
+class NegativeSampler:
+    """Draws up to `count` negatives per (query, positive): random documents of the query's task, or
+    BM25's top-ranked ones; never one of the query's relevant documents."""
+
+    def __init__(self, tasks: list[LocoTask], count: int, kind: str = "random", seed: int = 0):
+        if kind not in NEGATIVE_KINDS:
+            raise ValueError(f"negatives kind {kind!r}; expected one of {NEGATIVE_KINDS}")
+        if count < 0:
+            raise ValueError(f"the number of negatives must be >= 0, got {count}")
+        self.tasks = {task.name: task for task in tasks}
+        self.count = count
+        self.kind = kind
+        self.seed = seed
+        self._bm25 = {}
+
+    def __call__(self, task: str, qid: str, positive_pid: str) -> tuple[str, ...]:
+        loco_task = self.tasks[task]
+        relevant = set(loco_task.qrels[qid])
+        if self.kind == "bm25":
+            ranked = self._bm25_ranking(task, qid, self.count + len(relevant))
+            return tuple(pid for pid in ranked if pid not in relevant)[:self.count]
+        # Sorted, so that the draw does not depend on the corpus file's order.
+        pool = sorted(pid for pid in loco_task.documents if pid not in relevant)
+        rng = random.Random(f"{self.seed}/{task}/{qid}/{positive_pid}")
+        return tuple(rng.sample(pool, min(self.count, len(pool))))
+
+    def _bm25_ranking(self, task: str, qid: str, depth: int) -> list[str]:
+        import bm25s
+
+        if task not in self._bm25:
+            pids = list(self.tasks[task].documents)
+            tokens = bm25s.tokenize(list(self.tasks[task].documents.values()), stopwords="en", show_progress=False)
+            retriever = bm25s.BM25()
+            retriever.index(tokens, show_progress=False)
+            self._bm25[task] = (retriever, pids)
+            logger.info("BM25 index of task %s: %d documents", task, len(pids))
+        retriever, pids = self._bm25[task]
+        query = bm25s.tokenize([self.tasks[task].queries[qid]], stopwords="en", return_ids=False, show_progress=False)
+        indices, _ = retriever.retrieve(query, k=min(depth, len(pids)), show_progress=False, n_threads=1)
+        return [pids[i] for i in indices[0]]
+
+
+def build_examples(queries: list[tuple[str, str]], sampler: NegativeSampler,
+                   tasks: list[LocoTask]) -> list[RetrievalExample]:
+    """One example per (query, relevant document) of `queries` ((task, qid) pairs), in that order."""
+    by_name = {task.name: task for task in tasks}
+    examples = []
+    for task, qid in queries:
+        for positive in by_name[task].qrels[qid]:
+            examples.append(RetrievalExample(task, qid, positive, sampler(task, qid, positive)))
+    short = sum(len(e.negative_pids) < sampler.count for e in examples)
+    if short:
+        logger.warning("%d of %d examples have fewer than %d negatives (small corpora)", short, len(examples),
+                       sampler.count)
+    return examples
+
+
+def labelled_pairs(examples: Iterable[RetrievalExample], repeat_positive: bool = True) -> list[LabelledPair]:
+    """OPL units: per negative, (q, pos, 1.0) [every time, or only before the first] then (q, neg, 0.0).
+    An example without negatives still contributes its positive pair."""
+    pairs = []
+    for example in examples:
+        positive = LabelledPair(example.task, example.qid, example.positive_pid, 1.0)
+        if not example.negative_pids:
+            pairs.append(positive)
+        for index, negative in enumerate(example.negative_pids):
+            if repeat_positive or index == 0:
+                pairs.append(positive)
+            pairs.append(LabelledPair(example.task, example.qid, negative, 0.0))
+    return pairs
+
+
+def triplets(examples: Iterable[RetrievalExample]) -> list[Triplet]:
+    """MNRL units: one (q, pos, neg) per negative; (q, pos, None) for an example without negatives."""
+    units = []
+    for example in examples:
+        for negative in example.negative_pids or (None,):
+            units.append(Triplet(example.task, example.qid, example.positive_pid, negative))
+    return units
+
+
+def shuffled(units: list, seed: int, epoch: int) -> list:
+    """The units in the seeded order of `epoch` (a new order each epoch, the same on every rank)."""
+    order = list(units)
+    random.Random(f"{seed}/epoch{epoch}").shuffle(order)
+    return order
