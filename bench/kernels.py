@@ -179,7 +179,8 @@ def plot(result: dict, path: Path) -> None:
     left.set_title(f"forward throughput ({result['dtype']}, {result['device']})")
     left.legend()
     steps = result["finetune"]
-    right.bar([r["system"] for r in steps], [r["seconds"] for r in steps], color=["tab:blue", "tab:orange", "tab:green"])
+    right.bar([r["system"] for r in steps], [r["seconds"] for r in steps],
+              color=["tab:blue", "tab:orange", "tab:green"])
     right.set_ylabel("seconds")
     right.set_title(f"one fine-tuning step, L={steps[0]['length']}, batch 1")
     fig.tight_layout()
@@ -253,8 +254,9 @@ def main() -> None:
               f"peak {r['peak_memory_gib']:.1f} GiB")
     if "goal_32k" in result:
         goal = result["goal_32k"]
-        print(f"32k forward: {goal['tokens_per_second'] / 1e6:.2f}M tokens/s (goal {GOAL_TOKENS_PER_SECOND_32K / 1e6:.1f}M), "
-              f"{goal['speedup_over_torch']:.2f}x the PyTorch path (goal {GOAL_SPEEDUP_32K:.0f}x)")
+        print(f"32k forward: {goal['tokens_per_second'] / 1e6:.2f}M tokens/s "
+              f"(goal {GOAL_TOKENS_PER_SECOND_32K / 1e6:.1f}M), {goal['speedup_over_torch']:.2f}x the PyTorch path "
+              f"(goal {GOAL_SPEEDUP_32K:.0f}x)")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -83,7 +83,8 @@ int subproblem_log2(int requested, int log2_n, int64_t length, bool backward) {
 
 // Fresh buffers; the emulation fills them with NaN so that an element no kernel writes is caught.
 Tensor new_buffer(torch::IntArrayRef sizes, const torch::TensorOptions& options) {
-  return kEmulated ? torch::full(sizes, std::numeric_limits<float>::quiet_NaN(), options) : torch::empty(sizes, options);
+  if (kEmulated) return torch::full(sizes, std::numeric_limits<float>::quiet_NaN(), options);
+  return torch::empty(sizes, options);
 }
 
 void* current_stream(const Tensor& reference) {
@@ -199,7 +200,7 @@ Tensor new_activation(const MixerProblem& problem, int64_t channels, const Tenso
   return new_buffer({problem.batch, problem.length, channels}, like.options()).transpose(1, 2);
 }
 
-// (y, conv_output): y (B, H, L) and the fp32 long-convolution outputs (B, C, L) that backward() needs.
+// (y, conv_output): y (B, H, L) and the long-convolution outputs (B, C, L) that backward() needs.
 std::tuple<Tensor, Tensor> mixer_forward(const Tensor& projected, const OptionalTensor& layer_input,
                                          const Tensor& weight, const Tensor& bias, const Tensor& spectrum,
                                          const Tensor& d_skip, const OptionalTensor& residual_spectrum,
@@ -212,22 +213,22 @@ std::tuple<Tensor, Tensor> mixer_forward(const Tensor& projected, const Optional
 #endif
   void* stream = current_stream(projected);
   const int64_t conv_channels = problem.residual ? 2 * problem.hidden : problem.hidden;
-  const auto fp32 = projected.options().dtype(torch::kFloat32);
-  Tensor conv_input = new_buffer({problem.batch, conv_channels, problem.length}, fp32);
-  Tensor conv_output = new_buffer({problem.batch, conv_channels, problem.length}, fp32);
+  // The convolution rows are kept in the activations' dtype: the PyTorch path rounds there too.
+  Tensor conv_input = new_buffer({problem.batch, conv_channels, problem.length}, projected.options());
+  Tensor conv_output = new_buffer({problem.batch, conv_channels, problem.length}, projected.options());
   Tensor y = new_activation(problem, problem.hidden, projected);
 
   m2::MixerArgs a = mixer_args(problem, projected, layer_input, weight, bias, d_skip, residual_d_skip, keep);
-  a.conv_input = conv_input.data_ptr<float>();
-  a.conv_output = conv_output.data_ptr<float>();
+  a.conv_input = conv_input.data_ptr();
+  a.conv_output = conv_output.data_ptr();
   a.y = strided(y);
   m2::mixer_prologue(a, problem.type, stream);
 
   m2::FftConvArgs c = conv_args(problem, spectrum, residual_spectrum, twiddles,
                                 subproblem_log2(static_cast<int>(log2_p), problem.log2_n, problem.length, false));
-  c.input = conv_input.data_ptr<float>();
-  c.output = conv_output.data_ptr<float>();
-  m2::fft_conv_forward(c, stream);
+  c.input = conv_input.data_ptr();
+  c.output = conv_output.data_ptr();
+  m2::fft_conv_forward(c, problem.type, stream);
 
   m2::mixer_epilogue(a, problem.type, stream);
   return {y, conv_output};
@@ -248,16 +249,20 @@ std::vector<OptionalTensor> mixer_backward(const Tensor& grad_y, const Tensor& p
   TORCH_CHECK(grad_y.sizes() == torch::IntArrayRef({problem.batch, problem.hidden, problem.length}),
               "grad_y must be (batch, hidden, length)");
   const int64_t conv_channels = problem.residual ? 2 * problem.hidden : problem.hidden;
-  check_fp32(conv_output, projected, "conv_output", {problem.batch, conv_channels, problem.length});
+  check_device(conv_output, projected, "conv_output");
+  TORCH_CHECK(conv_output.scalar_type() == projected.scalar_type() && conv_output.is_contiguous() &&
+                  conv_output.sizes() == torch::IntArrayRef({problem.batch, conv_channels, problem.length}),
+              "conv_output must be mixer_forward's second output");
 #if !defined(M2_HOST_EMULATION)
   const c10::cuda::CUDAGuard guard(projected.device());
 #endif
   void* stream = current_stream(projected);
   const auto fp32 = projected.options().dtype(torch::kFloat32);
   const int64_t h = problem.hidden;
-  Tensor conv_input = new_buffer({problem.batch, conv_channels, problem.length}, fp32);
-  Tensor conv_grad_output = new_buffer({problem.batch, conv_channels, problem.length}, fp32);
-  Tensor conv_grad_input = new_buffer({problem.batch, conv_channels, problem.length}, fp32);
+  const auto rows = projected.options();
+  Tensor conv_input = new_buffer({problem.batch, conv_channels, problem.length}, rows);
+  Tensor conv_grad_output = new_buffer({problem.batch, conv_channels, problem.length}, rows);
+  Tensor conv_grad_input = new_buffer({problem.batch, conv_channels, problem.length}, rows);
   Tensor grad_spectrum = new_buffer({h, spectrum.size(1)}, spectrum.options());
   Tensor grad_residual_spectrum =
       problem.residual ? new_buffer({h, spectrum.size(1)}, spectrum.options()) : Tensor();
@@ -269,22 +274,22 @@ std::vector<OptionalTensor> mixer_backward(const Tensor& grad_y, const Tensor& p
   a.grad_y = strided(grad_y);
   a.grad_projected = strided(grad_projected);
   a.grad_layer_input = problem.residual ? strided(grad_layer_input) : no_tensor();
-  a.conv_input = conv_input.data_ptr<float>();
-  a.conv_output = conv_output.data_ptr<float>();
-  a.conv_grad_output = conv_grad_output.data_ptr<float>();
-  a.conv_grad_input = conv_grad_input.data_ptr<float>();
+  a.conv_input = conv_input.data_ptr();
+  a.conv_output = conv_output.data_ptr();
+  a.conv_grad_output = conv_grad_output.data_ptr();
+  a.conv_grad_input = conv_grad_input.data_ptr();
   a.partials = partials.data_ptr<float>();
   m2::mixer_prologue(a, problem.type, stream);  // recomputes the convolution inputs instead of keeping them
   m2::mixer_epilogue_backward(a, problem.type, stream);
 
   m2::FftConvArgs c = conv_args(problem, spectrum, residual_spectrum, twiddles,
                                 subproblem_log2(static_cast<int>(log2_p), problem.log2_n, problem.length, true));
-  c.input = conv_input.data_ptr<float>();
-  c.grad_output = conv_grad_output.data_ptr<float>();
-  c.output = conv_grad_input.data_ptr<float>();
+  c.input = conv_input.data_ptr();
+  c.grad_output = conv_grad_output.data_ptr();
+  c.output = conv_grad_input.data_ptr();
   c.grad_spectrum = mutable_complex_data(grad_spectrum);
   c.grad_second_spectrum = problem.residual ? mutable_complex_data(grad_residual_spectrum) : nullptr;
-  m2::fft_conv_backward(c, stream);
+  m2::fft_conv_backward(c, problem.type, stream);
 
   m2::mixer_prologue_backward(a, problem.type, stream);
 
@@ -302,58 +307,59 @@ std::vector<OptionalTensor> mixer_backward(const Tensor& grad_y, const Tensor& p
   return grads;
 }
 
-// The long convolution alone, for rows (B, C, L) fp32 with one spectrum per channel (C, n/2 + 1).
-Tensor conv_forward(const Tensor& input, const Tensor& spectrum, const Tensor& twiddles, int64_t log2_p) {
-  check_device(input, input, "input");
-  TORCH_CHECK(input.dim() == 3 && input.scalar_type() == torch::kFloat32 && input.is_contiguous(),
-              "input must be contiguous float32 (batch, channels, length)");
+void check_rows(const Tensor& rows, const Tensor& reference, const char* name) {
+  check_device(rows, reference, name);
+  TORCH_CHECK(rows.dim() == 3 && rows.is_contiguous() &&
+                  (rows.scalar_type() == torch::kFloat32 || rows.scalar_type() == torch::kBFloat16),
+              name, " must be contiguous float32 or bfloat16 (batch, channels, length)");
+  TORCH_CHECK(rows.sizes() == reference.sizes() && rows.scalar_type() == reference.scalar_type(), name,
+              " must match input's shape and dtype");
+}
+
+m2::FftConvArgs single_spectrum_args(const Tensor& input, const Tensor& spectrum, const Tensor& twiddles,
+                                     int64_t log2_p, bool backward) {
   const int log2_n = transform_log2(twiddles, input, input.size(2));
   check_spectrum(spectrum, input, "spectrum", input.size(1), log2_n);
-#if !defined(M2_HOST_EMULATION)
-  const c10::cuda::CUDAGuard guard(input.device());
-#endif
-  Tensor output = new_buffer(input.sizes(), input.options());
   m2::FftConvArgs c{};
-  c.input = input.data_ptr<float>();
-  c.output = output.data_ptr<float>();
+  c.input = input.data_ptr();
   c.spectrum = complex_data(spectrum);
   c.twiddles = complex_data(twiddles);
   c.batch = static_cast<int>(input.size(0));
   c.channels = c.split = static_cast<int>(input.size(1));
   c.length = static_cast<int>(input.size(2));
   c.log2_n = log2_n;
-  c.log2_p = subproblem_log2(static_cast<int>(log2_p), log2_n, input.size(2), false);
-  m2::fft_conv_forward(c, current_stream(input));
+  c.log2_p = subproblem_log2(static_cast<int>(log2_p), log2_n, input.size(2), backward);
+  return c;
+}
+
+// The long convolution alone, for rows (B, C, L) with one spectrum per channel (C, n/2 + 1).
+Tensor conv_forward(const Tensor& input, const Tensor& spectrum, const Tensor& twiddles, int64_t log2_p) {
+  check_rows(input, input, "input");
+#if !defined(M2_HOST_EMULATION)
+  const c10::cuda::CUDAGuard guard(input.device());
+#endif
+  m2::FftConvArgs c = single_spectrum_args(input, spectrum, twiddles, log2_p, false);
+  Tensor output = new_buffer(input.sizes(), input.options());
+  c.output = output.data_ptr();
+  m2::fft_conv_forward(c, activation_type(input), current_stream(input));
   return output;
 }
 
 // Gradients of conv_forward: (input, spectrum).
 std::tuple<Tensor, Tensor> conv_backward(const Tensor& input, const Tensor& grad_output, const Tensor& spectrum,
                                          const Tensor& twiddles, int64_t log2_p) {
-  check_device(input, input, "input");
-  TORCH_CHECK(input.dim() == 3 && input.scalar_type() == torch::kFloat32 && input.is_contiguous(),
-              "input must be contiguous float32 (batch, channels, length)");
-  check_fp32(grad_output, input, "grad_output", input.sizes().vec());
-  const int log2_n = transform_log2(twiddles, input, input.size(2));
-  check_spectrum(spectrum, input, "spectrum", input.size(1), log2_n);
+  check_rows(input, input, "input");
+  check_rows(grad_output, input, "grad_output");
 #if !defined(M2_HOST_EMULATION)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
+  m2::FftConvArgs c = single_spectrum_args(input, spectrum, twiddles, log2_p, true);
   Tensor grad_input = new_buffer(input.sizes(), input.options());
   Tensor grad_spectrum = new_buffer(spectrum.sizes(), spectrum.options());
-  m2::FftConvArgs c{};
-  c.input = input.data_ptr<float>();
-  c.grad_output = grad_output.data_ptr<float>();
-  c.output = grad_input.data_ptr<float>();
-  c.spectrum = complex_data(spectrum);
+  c.grad_output = grad_output.data_ptr();
+  c.output = grad_input.data_ptr();
   c.grad_spectrum = mutable_complex_data(grad_spectrum);
-  c.twiddles = complex_data(twiddles);
-  c.batch = static_cast<int>(input.size(0));
-  c.channels = c.split = static_cast<int>(input.size(1));
-  c.length = static_cast<int>(input.size(2));
-  c.log2_n = log2_n;
-  c.log2_p = subproblem_log2(static_cast<int>(log2_p), log2_n, input.size(2), true);
-  m2::fft_conv_backward(c, current_stream(input));
+  m2::fft_conv_backward(c, activation_type(input), current_stream(input));
   return {grad_input, grad_spectrum};
 }
 
@@ -408,7 +414,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused CUDA kernels of the Monarch Mixer sequence mixer (see docs/kernels.md)";
   module.def("mixer_forward", &mixer_forward, "Sequence-mixer core, forward: (y, conv_output)");
   module.def("mixer_backward", &mixer_backward, "Sequence-mixer core, backward: gradients of mixer_forward's inputs");
-  module.def("conv_forward", &conv_forward, "Long convolution of fp32 rows by their spectra");
+  module.def("conv_forward", &conv_forward, "Long convolution of float32 or bfloat16 rows by their spectra");
   module.def("conv_backward", &conv_backward, "Gradients (input, spectrum) of conv_forward");
   module.def("gelu_gate_forward", &gelu_gate_forward, "GELU(gate) * value between the block-diagonal GEMMs");
   module.def("gelu_gate_backward", &gelu_gate_backward, "Gradient of gelu_gate_forward's input");

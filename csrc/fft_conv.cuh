@@ -6,7 +6,7 @@
 // A row of n complex points does not fit in shared memory at n = 65536, so the n bins are split into
 // S = n / P sub-problems of P bins (decimation in frequency), s = 0 .. S-1 holding bins k = s + S q:
 //   X[s + S q] = DFT_P(a_s)[q],          a_s[m] = sum_j x[m + P j] w^(s (m + P j)),   w = exp(-2 pi i / n)
-//   y[m + P j] = 1/n sum_s Re-part of w^(-s (m + P j)) IDFT_P(X_s K_s)[m]   (unnormalised IDFT)
+//   y[m + P j] = 1/n sum_s Re( w^(-s (m + P j)) IDFT_P(X_s K_s)[m] )   (IDFT unnormalised)
 // For real rows, sub-problem S - s is the complex conjugate of s, so only s = 0 .. S/2 are computed and
 // s = 1 .. S/2-1 count twice. Each sub-problem is one forward and one inverse FFT of P points in shared
 // memory; the output row accumulates in shared memory. The forward FFT is decimation in frequency
@@ -18,15 +18,16 @@
 
 namespace m2 {
 
+// Rows are stored as `Row` (float or BFloat16, the activations' type) and computed in fp32.
 struct FftConvArgs {
-  const float* input;        // (batch, channels, length) rows, fp32
-  const float* grad_output;  // backward: (batch, channels, length), the gradient of the convolution
-  float* output;             // forward: the convolution; backward: the gradient of `input`
-  const Complex* spectrum;   // (split, n/2 + 1): the spectra of channels [0, split)
+  const void* input;               // (batch, channels, length) rows
+  const void* grad_output;         // backward: (batch, channels, length), the gradient of the convolution
+  void* output;                    // forward: the convolution; backward: the gradient of `input`
+  const Complex* spectrum;         // (split, n/2 + 1): the spectra of channels [0, split)
   const Complex* second_spectrum;  // (channels - split, n/2 + 1): channels [split, channels); may be null
   Complex* grad_spectrum;          // backward: gradients in the layout of the spectra
   Complex* grad_second_spectrum;
-  const Complex* twiddles;  // (n,): exp(-2 pi i k / n)
+  const Complex* twiddles;         // (n,): exp(-2 pi i k / n)
   int batch;
   int channels;
   int split;
@@ -74,8 +75,8 @@ M2_HD Complex spectrum_bin(const Complex* spectrum, int k, int n) {
 
 // work[m] = a_s[m] for m < P: the folded, twisted row of sub-problem s. w^(s (m + P j)) is factored as
 // w^(s m) (one table load per m) times w^(s P j) = exp(-2 pi i s j / S), the same for the whole block.
-template <class Block>
-M2_DEVICE void fold(const Block& block, const float* row, const FftConvArgs& a, int s, Complex* work) {
+template <class Row, class Block>
+M2_DEVICE void fold(const Block& block, const Row* row, const FftConvArgs& a, int s, Complex* work) {
   const int p = 1 << a.log2_p;
   const int half_subproblems = 1 << (a.log2_n - a.log2_p - 1);
   const int index_mask = (1 << a.log2_n) - 1;
@@ -85,7 +86,7 @@ M2_DEVICE void fold(const Block& block, const float* row, const FftConvArgs& a, 
       const int t = m + (j << a.log2_p);
       if (t >= a.length) break;
       const Complex w = a.twiddles[(s * (j << a.log2_p)) & index_mask];
-      const float value = row[t];
+      const float value = to_float(row[t]);
       sum.re += value * w.re;
       sum.im += value * w.im;
     }
@@ -235,16 +236,16 @@ M2_DEVICE void fill(const Block& block, float* values, int count, float value) {
   for (int i = block.thread(); i < count; i += block.size()) values[i] = value;
 }
 
-template <class Block>
-M2_DEVICE void copy(const Block& block, const float* from, float* to, int count) {
-  for (int i = block.thread(); i < count; i += block.size()) to[i] = from[i];
+template <class Row, class Block>
+M2_DEVICE void store_row(const Block& block, const float* from, Row* to, int count) {
+  for (int i = block.thread(); i < count; i += block.size()) to[i] = from_float<Row>(from[i]);
 }
 
 }  // namespace fft_detail
 
 // output[row] = the convolution of input[row] with its channel's kernel, for row = batch_index * channels +
 // channel. `shared` holds fft_conv_shared_bytes(length, log2_p, false) bytes.
-template <class Block>
+template <class Row, class Block>
 M2_DEVICE void fft_conv_forward_row(const Block& block, const FftConvArgs& a, int channel, int batch_index,
                                     float* shared) {
   using namespace fft_detail;
@@ -259,7 +260,7 @@ M2_DEVICE void fft_conv_forward_row(const Block& block, const FftConvArgs& a, in
 
   fill(block, acc, a.length, 0.f);
   for (int s = 0; s <= half_subproblems; ++s) {
-    fold(block, a.input + row_offset, a, s, work);
+    fold(block, static_cast<const Row*>(a.input) + row_offset, a, s, work);
     block.sync();
     fft_forward(block, work, nullptr, a);
     for (int slot = block.thread(); slot < p; slot += block.size()) {
@@ -271,7 +272,7 @@ M2_DEVICE void fft_conv_forward_row(const Block& block, const FftConvArgs& a, in
     accumulate(block, work, a, s, acc);
     block.sync();
   }
-  copy(block, acc, a.output + row_offset, a.length);
+  store_row(block, acc, static_cast<Row*>(a.output) + row_offset, a.length);
 }
 
 // For one channel, over the whole batch: output[row] = the gradient of input[row] (circular correlation
@@ -281,7 +282,7 @@ M2_DEVICE void fft_conv_forward_row(const Block& block, const FftConvArgs& a, in
 // Every stored bin comes from exactly one (sub-problem, slot): bins above n/2 of sub-problems
 // 1 .. S/2-1 are written as their mirrors n - k, which sub-problem S - s (not computed) would hold.
 // `shared` holds fft_conv_shared_bytes(length, log2_p, true) bytes.
-template <class Block>
+template <class Row, class Block>
 M2_DEVICE void fft_conv_backward_channel(const Block& block, const FftConvArgs& a, int channel, float* shared) {
   using namespace fft_detail;
   const int n = 1 << a.log2_n;
@@ -298,8 +299,8 @@ M2_DEVICE void fft_conv_backward_channel(const Block& block, const FftConvArgs& 
     const int64_t row_offset = (static_cast<int64_t>(b) * a.channels + channel) * a.length;
     fill(block, acc, a.length, 0.f);
     for (int s = 0; s <= half_subproblems; ++s) {
-      fold(block, a.input + row_offset, a, s, input_work);
-      fold(block, a.grad_output + row_offset, a, s, grad_work);
+      fold(block, static_cast<const Row*>(a.input) + row_offset, a, s, input_work);
+      fold(block, static_cast<const Row*>(a.grad_output) + row_offset, a, s, grad_work);
       block.sync();
       fft_forward(block, input_work, grad_work, a);
       for (int slot = block.thread(); slot < p; slot += block.size()) {
@@ -327,7 +328,7 @@ M2_DEVICE void fft_conv_backward_channel(const Block& block, const FftConvArgs& 
       accumulate(block, grad_work, a, s, acc);
       block.sync();
     }
-    copy(block, acc, a.output + row_offset, a.length);
+    store_row(block, acc, static_cast<Row*>(a.output) + row_offset, a.length);
     block.sync();
   }
 }

@@ -157,22 +157,28 @@ void mixer_prologue_backward(const MixerArgs& a, ActivationType type, void*) {
                   });
 }
 
-void fft_conv_forward(const FftConvArgs& a, void*) {
+void fft_conv_forward(const FftConvArgs& a, ActivationType rows, void*) {
   BlockEmulator emulator(fft_conv_threads(a.log2_p));
   const int64_t shared_floats = fft_conv_shared_bytes(a.length, a.log2_p, false) / sizeof(float);
   for (int channel = 0; channel < a.channels; ++channel)
     for (int b = 0; b < a.batch; ++b) {
       std::vector<float> shared = poisoned_shared(shared_floats);
-      emulator.run([&](const HostBlock& block) { fft_conv_forward_row(block, a, channel, b, shared.data()); });
+      emulator.run([&](const HostBlock& block) {
+        if (rows == ActivationType::kFloat32) fft_conv_forward_row<float>(block, a, channel, b, shared.data());
+        else fft_conv_forward_row<BFloat16>(block, a, channel, b, shared.data());
+      });
     }
 }
 
-void fft_conv_backward(const FftConvArgs& a, void*) {
+void fft_conv_backward(const FftConvArgs& a, ActivationType rows, void*) {
   BlockEmulator emulator(fft_conv_threads(a.log2_p));
   const int64_t shared_floats = fft_conv_shared_bytes(a.length, a.log2_p, true) / sizeof(float);
   for (int channel = 0; channel < a.channels; ++channel) {
     std::vector<float> shared = poisoned_shared(shared_floats);
-    emulator.run([&](const HostBlock& block) { fft_conv_backward_channel(block, a, channel, shared.data()); });
+    emulator.run([&](const HostBlock& block) {
+      if (rows == ActivationType::kFloat32) fft_conv_backward_channel<float>(block, a, channel, shared.data());
+      else fft_conv_backward_channel<BFloat16>(block, a, channel, shared.data());
+    });
   }
 }
 

@@ -34,15 +34,17 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_prologue_backward_kernel(
 }
 
 // One block per row; rows of one channel are consecutive blocks so that they share the spectrum in L2.
+template <class Row>
 __global__ void __launch_bounds__(512) fft_conv_forward_kernel(FftConvArgs args) {
   const int channel = blockIdx.x / args.batch;
   const int batch_index = blockIdx.x % args.batch;
-  fft_conv_forward_row(CudaBlock{}, args, channel, batch_index, dynamic_shared);
+  fft_conv_forward_row<Row>(CudaBlock{}, args, channel, batch_index, dynamic_shared);
 }
 
 // One block per channel, looping over the batch, so that the spectrum gradient needs no atomics.
+template <class Row>
 __global__ void __launch_bounds__(512) fft_conv_backward_kernel(FftConvArgs args) {
-  fft_conv_backward_channel(CudaBlock{}, args, blockIdx.x, dynamic_shared);
+  fft_conv_backward_channel<Row>(CudaBlock{}, args, blockIdx.x, dynamic_shared);
 }
 
 template <class Act>
@@ -103,15 +105,16 @@ void mixer_prologue_backward(const MixerArgs& a, ActivationType type, void* stre
                kPrologueBackwardSharedFloats, stream, "mixer_prologue_backward");
 }
 
-void fft_conv_forward(const FftConvArgs& a, void* stream) {
+void fft_conv_forward(const FftConvArgs& a, ActivationType rows, void* stream) {
   const dim3 grid(static_cast<unsigned>(a.channels) * static_cast<unsigned>(a.batch));
-  launch(fft_conv_forward_kernel, grid, fft_conv_threads(a.log2_p), fft_conv_shared_bytes(a.length, a.log2_p, false),
-         stream, "fft_conv_forward", a);
+  launch(rows == ActivationType::kFloat32 ? fft_conv_forward_kernel<float> : fft_conv_forward_kernel<BFloat16>, grid,
+         fft_conv_threads(a.log2_p), fft_conv_shared_bytes(a.length, a.log2_p, false), stream, "fft_conv_forward", a);
 }
 
-void fft_conv_backward(const FftConvArgs& a, void* stream) {
-  launch(fft_conv_backward_kernel, dim3(a.channels), fft_conv_threads(a.log2_p),
-         fft_conv_shared_bytes(a.length, a.log2_p, true), stream, "fft_conv_backward", a);
+void fft_conv_backward(const FftConvArgs& a, ActivationType rows, void* stream) {
+  launch(rows == ActivationType::kFloat32 ? fft_conv_backward_kernel<float> : fft_conv_backward_kernel<BFloat16>,
+         dim3(a.channels), fft_conv_threads(a.log2_p), fft_conv_shared_bytes(a.length, a.log2_p, true), stream,
+         "fft_conv_backward", a);
 }
 
 namespace {

@@ -18,8 +18,8 @@ void mixer_prologue(const MixerArgs& args, ActivationType type, void* stream);
 void mixer_epilogue(const MixerArgs& args, ActivationType type, void* stream);
 void mixer_epilogue_backward(const MixerArgs& args, ActivationType type, void* stream);
 void mixer_prologue_backward(const MixerArgs& args, ActivationType type, void* stream);
-void fft_conv_forward(const FftConvArgs& args, void* stream);
-void fft_conv_backward(const FftConvArgs& args, void* stream);
+void fft_conv_forward(const FftConvArgs& args, ActivationType rows, void* stream);
+void fft_conv_backward(const FftConvArgs& args, ActivationType rows, void* stream);
 void gelu_gate_forward(const GeluGateArgs& args, ActivationType type, void* stream);
 void gelu_gate_backward(const GeluGateArgs& args, ActivationType type, void* stream);
 

@@ -2,12 +2,13 @@
 // depthwise short convolution, the gates, the padding mask and the D skip terms, forward and backward.
 //
 // Per (batch b, channel h < H, position t), with p_c the input projection's channel c, keep the mask:
-//   x1 = conv3(p_h), x2 = conv3(p_{H+h}), z = conv3(p_{2H+h})       conv3(p)[t] = w0 p[t-2] + w1 p[t-1] + w2 p[t] + bias
+//   x1 = conv3(p_h), x2 = conv3(p_{H+h}), z = conv3(p_{2H+h}),  conv3(p)[t] = w0 p[t-2] + w1 p[t-1] + w2 p[t] + b
 //   v = z x1 keep,  r = u keep                                        (the two long-convolution inputs)
 //   y = (conv(v) + D v) x2 + conv_res(r) + D_res r
 // Activations (the projection, the layer input, y and their gradients) have any strides and are read and
-// written channel-fastest, which is coalesced for the channels-last views the model passes; the fp32
-// long-convolution rows are (batch, channels, length) and are read and written time-fastest. A block
+// written channel-fastest, which is coalesced for the channels-last views the model passes; the
+// long-convolution rows are (batch, channels, length), stored in the activations' type (where the
+// PyTorch reference rounds too), and are read and written time-fastest. Arithmetic is fp32. A block
 // moves a tile of 32 positions x 32 channels through shared memory to switch between the two.
 #pragma once
 
@@ -44,10 +45,10 @@ struct MixerArgs {
   const float* bias;               // (3H,)
   const float* d_skip;             // (H,)
   const float* residual_d_skip;    // (H,), null without the residual convolution
-  float* conv_input;               // (B, C, L): rows [0, H) v, rows [H, 2H) r; C = 2H, or H without residual
-  float* conv_output;              // (B, C, L): their long convolutions
-  float* conv_grad_output;         // (B, C, L): gradient of conv_output
-  float* conv_grad_input;          // (B, C, L): gradient of conv_input through the convolutions alone
+  void* conv_input;                // (B, C, L): rows [0, H) v, rows [H, 2H) r; C = 2H, or H without residual
+  void* conv_output;               // (B, C, L): their long convolutions
+  void* conv_grad_output;          // (B, C, L): gradient of conv_output
+  void* conv_grad_input;           // (B, C, L): gradient of conv_input through the convolutions alone
   float* partials;                 // (B * chunks, kPartialRows, H) per-block sums of the backward pass
   int batch;
   int hidden;
@@ -117,15 +118,16 @@ M2_DEVICE void load_activation_tile(const Block& block, const StridedTensor& x, 
 }
 
 // tile[row][col] = conv row (b, channel_offset + h0 + col) at position t_first + row, 0 outside.
-template <class Block>
-M2_DEVICE void load_row_tile(const Block& block, const MixerArgs& a, const float* rows_base, int b,
+template <class Act, class Block>
+M2_DEVICE void load_row_tile(const Block& block, const MixerArgs& a, const void* rows_base, int b,
                              int channel_offset, int h0, int t_first, int rows, float* tile) {
   for (int i = block.thread(); i < rows * kTileChannels; i += block.size()) {
     const int col = i / rows;
     const int row = i % rows;
     const int t = t_first + row;
     const bool inside = h0 + col < a.hidden && t < a.length;
-    tile[row * kTileStride + col] = inside ? rows_base[row_offset(a, b, channel_offset + h0 + col) + t] : 0.f;
+    const Act* base = static_cast<const Act*>(rows_base);
+    tile[row * kTileStride + col] = inside ? to_float(base[row_offset(a, b, channel_offset + h0 + col) + t]) : 0.f;
   }
 }
 
@@ -156,8 +158,10 @@ M2_DEVICE void mixer_prologue_block(const Block& block, const MixerArgs& a, int 
       const float keep = a.keep ? a.keep[static_cast<int64_t>(b) * a.length + t] : 1.f;
       const float x1 = short_conv(x1_in, row, col, a.weight + 3 * h, a.bias[h]);
       const float z = short_conv(z_in, row, col, a.weight + 3 * (2 * hidden + h), a.bias[2 * hidden + h]);
-      a.conv_input[row_offset(a, b, h) + t] = z * x1 * keep;
-      if (a.residual) a.conv_input[row_offset(a, b, hidden + h) + t] = u_in[row * kTileStride + col] * keep;
+      Act* conv_input = static_cast<Act*>(a.conv_input);
+      conv_input[row_offset(a, b, h) + t] = from_float<Act>(z * x1 * keep);
+      if (a.residual)
+        conv_input[row_offset(a, b, hidden + h) + t] = from_float<Act>(u_in[row * kTileStride + col] * keep);
     }
     block.sync();
   }
@@ -178,11 +182,11 @@ M2_DEVICE void mixer_epilogue_block(const Block& block, const MixerArgs& a, int 
   const int chunk_end = (chunk + 1) * a.chunk_length < a.length ? (chunk + 1) * a.chunk_length : a.length;
   for (int t0 = chunk * a.chunk_length; t0 < chunk_end; t0 += kTileTime) {
     load_activation_tile<Act>(block, a.projected, b, hidden, h0, hidden, t0 - 2, kTileTime + 2, a.length, x2_in);
-    load_row_tile(block, a, a.conv_input, b, 0, h0, t0, kTileTime, v);
-    load_row_tile(block, a, a.conv_output, b, 0, h0, t0, kTileTime, conv_v);
+    load_row_tile<Act>(block, a, a.conv_input, b, 0, h0, t0, kTileTime, v);
+    load_row_tile<Act>(block, a, a.conv_output, b, 0, h0, t0, kTileTime, conv_v);
     if (a.residual) {
-      load_row_tile(block, a, a.conv_input, b, hidden, h0, t0, kTileTime, r);
-      load_row_tile(block, a, a.conv_output, b, hidden, h0, t0, kTileTime, conv_r);
+      load_row_tile<Act>(block, a, a.conv_input, b, hidden, h0, t0, kTileTime, r);
+      load_row_tile<Act>(block, a, a.conv_output, b, hidden, h0, t0, kTileTime, conv_r);
     }
     block.sync();
     for (int i = block.thread(); i < kTileTime * kTileChannels; i += block.size()) {
@@ -223,8 +227,9 @@ M2_DEVICE void mixer_epilogue_backward_block(const Block& block, const MixerArgs
       if (h >= hidden || t >= a.length) continue;
       const float x2 = short_conv(x2_in, row, col, a.weight + 3 * (hidden + h), a.bias[hidden + h]);
       const float grad = dy[row * kTileStride + col];
-      a.conv_grad_output[row_offset(a, b, h) + t] = grad * x2;
-      if (a.residual) a.conv_grad_output[row_offset(a, b, hidden + h) + t] = grad;
+      Act* conv_grad_output = static_cast<Act*>(a.conv_grad_output);
+      conv_grad_output[row_offset(a, b, h) + t] = from_float<Act>(grad * x2);
+      if (a.residual) conv_grad_output[row_offset(a, b, hidden + h) + t] = from_float<Act>(grad);
     }
     block.sync();
   }
@@ -262,11 +267,11 @@ M2_DEVICE void mixer_prologue_backward_block(const Block& block, const MixerArgs
       load_activation_tile<Act>(block, a.projected, b, c * hidden, h0, hidden, t0 - 2, kInRows, a.length,
                                 p_in + c * kInTile);
     load_activation_tile<Act>(block, a.grad_y, b, 0, h0, hidden, t0, kHaloRows, a.length, dy);
-    load_row_tile(block, a, a.conv_output, b, 0, h0, t0, kHaloRows, conv_v);
-    load_row_tile(block, a, a.conv_grad_input, b, 0, h0, t0, kHaloRows, conv_grad_v);
+    load_row_tile<Act>(block, a, a.conv_output, b, 0, h0, t0, kHaloRows, conv_v);
+    load_row_tile<Act>(block, a, a.conv_grad_input, b, 0, h0, t0, kHaloRows, conv_grad_v);
     if (a.residual) {
-      load_row_tile(block, a, a.conv_grad_input, b, hidden, h0, t0, kTileTime, conv_grad_r);
-      load_row_tile(block, a, a.conv_input, b, hidden, h0, t0, kTileTime, r);
+      load_row_tile<Act>(block, a, a.conv_grad_input, b, hidden, h0, t0, kTileTime, conv_grad_r);
+      load_row_tile<Act>(block, a, a.conv_input, b, hidden, h0, t0, kTileTime, r);
     }
     for (int row = block.thread(); row < kHaloRows; row += block.size()) {
       const int t = t0 + row;
@@ -289,7 +294,7 @@ M2_DEVICE void mixer_prologue_backward_block(const Block& block, const MixerArgs
       const float x2 = short_conv(p_in + kInTile, row, col, a.weight + 3 * (hidden + h), a.bias[hidden + h]);
       const float z =
           short_conv(p_in + 2 * kInTile, row, col, a.weight + 3 * (2 * hidden + h), a.bias[2 * hidden + h]);
-      const float v = z * x1 * keep[row];
+      const float v = to_float(from_float<Act>(z * x1 * keep[row]));  // as rounded into conv_input
       const float grad = dy[at];
       const float grad_conv_v = grad * x2;                      // gradient of conv(v) + D v
       const float grad_v = conv_grad_v[at] + a.d_skip[h] * grad_conv_v;

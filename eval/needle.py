@@ -105,8 +105,7 @@ def generate(haystack: Sequence[str], needles: Sequence[Needle], lengths: Sequen
         raise ValueError(f"depths must lie in [0, 1], got {list(depths)}")
     special = tokenizer.num_special_tokens_to_add(pair=False)
     needle_tokens = [len(tokenizer(n.text, add_special_tokens=False)["input_ids"]) for n in needles]
-    shortest = min(lengths) - special - max(needle_tokens)
-    if shortest < 1:
+    if min(lengths) - special - max(needle_tokens) < 1:
         raise ValueError(f"length {min(lengths)} leaves no room for haystack around the longest needle")
     text, offsets = _haystack_tokens(haystack, tokenizer, len(needles) * max(lengths))
     if len(offsets) < max(lengths):
@@ -129,15 +128,14 @@ def generate(haystack: Sequence[str], needles: Sequence[Needle], lengths: Sequen
 
 def _haystack_tokens(haystack: Sequence[str], tokenizer, wanted: int) -> tuple[str, list[tuple[int, int]]]:
     """The haystack texts joined (only as many as give `wanted` tokens) and their token offsets."""
-    pieces, offsets, position, total = [], [], 0, 0
+    pieces, offsets, position = [], [], 0
     for piece in haystack:
         piece_offsets = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
                                   verbose=False)["offset_mapping"]
         offsets.extend((position + start, position + end) for start, end in piece_offsets)
         pieces.append(piece)
-        position += len(piece) + 1
-        total += len(piece_offsets)
-        if total >= wanted:
+        position += len(piece) + 1  # the "\n" that joins the pieces
+        if len(offsets) >= wanted:
             break
     if not offsets:
         raise ValueError("the haystack is empty")

@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
 
 from .configuration_m2_bert import M2BertConfig
-from .ops import block_diagonal_linear, fast_fft_size, fft_long_conv, monarch_mixer_core
+from . import kernels  # fused CUDA paths when built and usable, else the PyTorch reference
+from .ops import block_diagonal_linear, fast_fft_size, fft_long_conv
 
 
 def hyena_positional_features(length: int, emb_dim: int) -> torch.Tensor:
@@ -146,8 +147,6 @@ class MonarchMixerSequenceMixer(nn.Module):
 
     def forward(self, u: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
         """u: (B, L, H) -> (B, L, H)."""
-        from . import kernels  # late import: picks the fused CUDA path when available
-
         projected = self.in_proj(u).transpose(1, 2)  # (B, 3H, L)
         residual = self.residual_long_conv
         y = kernels.monarch_mixer_core(
@@ -185,7 +184,6 @@ class MonarchGLUMLP(nn.Module):
     def __init__(self, config: M2BertConfig):
         super().__init__()
         n = config.monarch_mlp_nblocks
-        self.intermediate_size = config.intermediate_size
         self.gate_value_proj = BlockDiagonalLinear(config.hidden_size, 2 * config.intermediate_size, n, bias=False)
         self.out_proj = BlockDiagonalLinear(config.intermediate_size, config.hidden_size, n, bias=True)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -193,9 +191,9 @@ class MonarchGLUMLP(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """a: (B, L, H) -> (B, L, H)."""
-        gate, value = self.gate_value_proj(a).split(self.intermediate_size, dim=-1)  # (B, L, I) each
-        h = self.dropout(self.out_proj(F.gelu(gate) * value))
-        return self.layer_norm(h + a)
+        # out(GELU(gate) * value) with [gate, value] = gate_value_proj(a), each (B, L, I)
+        h = kernels.block_diagonal_glu(a, self.gate_value_proj.weight, self.out_proj.weight, self.out_proj.bias)
+        return self.layer_norm(self.dropout(h) + a)
 
 
 class M2BertLayer(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,17 @@ def torchrun_pretrain(*args: str, nproc: int = 2) -> str:
     """`torchrun --nproc_per_node N train/pretrain.py ARGS` with the tiny config (gloo on CPU)."""
     return run_checked([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
                         str(REPO / "train" / "pretrain.py"), "--config", str(TINY_CONFIG), *args])
+
+
+def deepspeed_pretrain(*args: str, nproc: int = 2) -> str:
+    """`deepspeed --num_gpus N train/pretrain.py ARGS` with the tiny config: DeepSpeed's own launcher, which
+    on CPU starts N gloo processes (one OpenMP thread each, as torchrun does, for the same numerics)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return run_checked([str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+                        str(REPO / "train" / "pretrain.py"), "--config", str(TINY_CONFIG), *args],
+                       env=cpu_env(OMP_NUM_THREADS="1"))
 
 
 def read_summary(run_dir: Path) -> dict:

@@ -223,7 +223,7 @@ def test_config_file_and_model_specs(tmp_path, capsys):
 def test_cli_errors_and_task_listing(tmp_path, capsys):
     assert main(["--model", "bm25", "--tasks", "qmsum", "gov_report"]) == 2
     assert "unknown task(s) ['gov_report']" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path / "no-model")]) == 2
+    assert main(["--model", str(tmp_path / "no-model"), "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "no-model" in capsys.readouterr().err
     assert main(["--list-tasks", "--split", "train"]) == 0
     assert capsys.readouterr().out.startswith("qmsum\t1257 queries\t162 documents")

@@ -1,6 +1,6 @@
 """Masked-LM pretraining under real DeepSpeed: two CPU processes (gloo), ZeRO stages 1 and 2, on the mixture
-that `dataprep` builds from the bundled sample. Per stage: one uninterrupted run, and one run stopped after
-step 12 then resumed with `--resume`."""
+that `dataprep` builds from the bundled sample. Per stage: one uninterrupted run (torchrun), and one run
+stopped after step 12 (under the `deepspeed` launcher) then resumed with `--resume` (torchrun)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from pretrain_fixtures import mixture_128, read_summary, torchrun_pretrain  # noqa: F401  (fixture)
+from pretrain_fixtures import deepspeed_pretrain, mixture_128, read_summary, torchrun_pretrain  # noqa: F401  (fixture)
 
 from train.checkpointing import CheckpointManager
 from train.logging_utils import read_metrics
@@ -18,16 +18,22 @@ STOP_AFTER = 12
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["zero1", "zero2"])
+# ZeRO-1 with activation checkpointing; ZeRO-2 with gradient accumulation (2 micro-batches of 4 per step).
+VARIANTS = {1: ["model.activation_checkpointing=true"],
+            2: ["training.micro_batch_size=4", "training.gradient_accumulation_steps=2"]}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS), ids=["zero1", "zero2"])
 def runs(request, mixture_128, tmp_path_factory):  # noqa: F811
     stage = request.param
     root = tmp_path_factory.mktemp(f"pretrain-zero{stage}")
     common = [f"data.manifest={mixture_128}", f"deepspeed.zero_optimization.stage={stage}",
               f"training.max_steps={STEPS}", "training.checkpoint_every=6", "training.keep_last=2",
-              "training.eval_every=12", "training.log_every=1", "data.eval_samples=16"]
+              "training.eval_every=12", "training.log_every=1", "data.eval_samples=16", *VARIANTS[stage]]
     full, resumed = root / "full", root / "resumed"
     torchrun_pretrain(*common, f"output.dir={full}")
-    torchrun_pretrain(*common, f"output.dir={resumed}", "--stop-after-steps", str(STOP_AFTER))
+    # The interrupted run starts under the `deepspeed` launcher and resumes under torchrun.
+    deepspeed_pretrain(*common, f"output.dir={resumed}", "--stop-after-steps", str(STOP_AFTER))
     stopped = {"summary": read_summary(resumed), "tags": CheckpointManager(resumed / "checkpoints", 2).tags(),
                "exported": (resumed / "final").exists()}
     output = torchrun_pretrain(*common, f"output.dir={resumed}", "--resume")
@@ -45,6 +51,7 @@ def test_loss_falls(runs):
     assert evaluation[1]["loss"] < evaluation[0]["loss"]
     summary = read_summary(runs["full"])
     assert summary["zero_stage"] == runs["stage"] and summary["world_size"] == 2 and summary["precision"] == "fp32"
+    assert summary["global_batch_size"] == 16  # 2 processes x 8 samples per optimizer step in both variants
     assert summary["train"]["tokens_per_second"] > 0 and summary["train"]["memory_gb"] > 0
 
 

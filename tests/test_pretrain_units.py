@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pretrain_fixtures import mixture_128  # noqa: F401  (fixture)
 
 from model import M2BertConfig, M2BertForMaskedLM
 from train.config import ConfigError
 from train.distributed import deepspeed_config
-from train.mlm_data import MLMMasker, PaddingCollator
+from train.mlm_data import DataConfig, MLMMasker, PaddingCollator, eval_samples
 from train.optim import HyenaGroupConfig, OptimizerConfig, hyena_param_groups, linear_warmup_decay
 from train.pretrain import load_pretrain_config
 
@@ -136,3 +137,14 @@ def test_deepspeed_config_derives_batch_and_precision():
     with pytest.raises(ValueError, match="training.precision"):
         deepspeed_config({**block, "bf16": {"enabled": True}}, micro_batch_size=4, gradient_accumulation_steps=1,
                          precision="fp32", world_size=1)
+
+
+def test_remote_streams_are_fetched_into_the_local_cache(mixture_128, tmp_path):  # noqa: F811
+    cache = tmp_path / "cache"
+    remote = DataConfig(manifest=str(mixture_128), remote=str(mixture_128.parent), local_cache=str(cache))
+    fetched = eval_samples(remote, num_samples=8, batch_size=4)
+    local = eval_samples(DataConfig(manifest=str(mixture_128)), num_samples=8, batch_size=4)
+    assert [s["input_ids"].tolist() for s in fetched] == [s["input_ids"].tolist() for s in local]
+    assert list(cache.rglob("shard.*.mds*")), "no shard was copied into the local cache"
+    with pytest.raises(ValueError, match="local_cache"):
+        DataConfig(manifest=str(mixture_128), remote="s3://bucket/mixture")

@@ -63,6 +63,10 @@ def init_distributed(device_kind: str = "auto") -> torch.device:
     use_cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        # The `deepspeed` launcher says LOCAL_SIZE; streaming (and torchrun users) read LOCAL_WORLD_SIZE, and
+        # without it every rank would take itself for its node's leader.
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     if "RANK" not in os.environ:  # plain `python`: a group of one, so the same code path runs everywhere
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -261,7 +261,20 @@ class Pretraining:
         self.engine.train()
         return metrics
 
+    def log_train(self, interval: StepMetrics, metrics_log: MetricsLogger, bar) -> dict[str, float]:
+        """Collective: reduce the interval's metrics, write them and show them on the progress bar."""
+        metrics = interval.reduce()
+        self.tokens_seen += metrics.pop("tokens")
+        metrics.update(lr=self.engine.get_lr()[0], memory_gb=peak_memory_bytes(self.device) / 2**30,
+                       tokens_seen=self.tokens_seen)
+        metrics_log.log(self.step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}", lr=f"{metrics['lr']:.2e}",
+                        tok_s=f"{metrics['tokens_per_second']:.0f}")
+        return metrics
+
     def run(self, stop_after_steps: int | None = None) -> dict:
+        """Train to `max_steps` (or `stop_after_steps`), evaluating and checkpointing on the way; then
+        export (when finished), plot the curves and write the summary. Returns the summary."""
         training = self.config.training
         main = self.env.is_main
         metrics_log = MetricsLogger(self.output_dir, enabled=main, tensorboard=self.config.output.tensorboard)
@@ -274,13 +287,7 @@ class Pretraining:
             self.train_step(interval)
             bar.update(1)
             if self.step % training.log_every == 0 or self.step == last_step:
-                last_train = interval.reduce()
-                self.tokens_seen += last_train.pop("tokens")
-                last_train.update(lr=self.engine.get_lr()[0], memory_gb=peak_memory_bytes(self.device) / 2**30,
-                                  tokens_seen=self.tokens_seen)
-                metrics_log.log(self.step, "train", last_train)
-                bar.set_postfix(loss=f"{last_train['loss']:.3f}", acc=f"{last_train['accuracy']:.3f}",
-                                lr=f"{last_train['lr']:.2e}", tok_s=f"{last_train['tokens_per_second']:.0f}")
+                last_train = self.log_train(interval, metrics_log, bar)
             if self.step % training.eval_every == 0 or self.step == training.max_steps:
                 last_eval = self.evaluate()
                 metrics_log.log(self.step, "eval", last_eval)
