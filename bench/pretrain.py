@@ -35,9 +35,12 @@ CASES = {
 }
 
 
-def run_case(name: str, steps: int, device_kind: str) -> dict:
+def run_case(name: str, steps: int, device_kind: str, threads: int | None) -> dict:
     """Time `steps` optimizer steps of one case in this process."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from train.distributed import deepspeed_config, init_distributed, initialize_engine, resolve_precision
     from train.logging_utils import peak_memory_bytes
@@ -82,6 +85,7 @@ def run_case(name: str, steps: int, device_kind: str) -> dict:
     return {
         "case": name, "preset": preset, "seq_len": seq_len, "micro_batch_size": micro_batch,
         "activation_checkpointing": checkpointing, "precision": precision, "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "parameters": model.num_parameters(), "steps": steps, "seconds_per_step": seconds / steps,
         "tokens_per_second": steps * micro_batch * seq_len / seconds,
         "peak_memory_gib": peak / 2**30,
@@ -90,12 +94,13 @@ def run_case(name: str, steps: int, device_kind: str) -> dict:
     }
 
 
-def device_description(device_kind: str) -> str:
+def device_description(device_kind: str, threads: int | None) -> str:
     import torch
 
     if device_kind != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{threads or torch.get_num_threads()} torch thread(s)")
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per case")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per case (default: torch's choice); on a shared or busy CPU, 1 "
+                             "avoids OpenMP threads spinning against other processes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pretrain")
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # a child process's one case
     args = parser.parse_args(argv)
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
-        print(json.dumps(run_case(args.case, args.steps, args.device)))
+        print(json.dumps(run_case(args.case, args.steps, args.device, args.threads)))
         return 0
 
     from tqdm import tqdm
@@ -141,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in tqdm(args.cases, desc="bench cases"):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        child = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(args.steps),
-                                "--device", args.device], capture_output=True, text=True, env=env)
+        child = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--device",
+                                args.device, *(["--threads", str(args.threads)] if args.threads else [])],
+                               capture_output=True, text=True, env=env)
         if child.returncode != 0:
             print(child.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"case {name} failed (exit {child.returncode})")
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt["peak_memory_above_baseline_gib"] / plain["peak_memory_above_baseline_gib"])
     if {"tiny-2k", "80M-2k"} <= set(by_case):
         ratios["tokens/s at 2k (tiny / 80M)"] = by_case["tiny-2k"]["tokens_per_second"] / by_case["80M-2k"]["tokens_per_second"]
-    report = {"benchmark": "pretrain", "device": device_description(args.device), "results": results, "ratios": ratios,
+    report = {"benchmark": "pretrain", "device": device_description(args.device, args.threads), "results": results, "ratios": ratios,
               "command": " ".join([Path(sys.executable).name, "bench/pretrain.py", *(argv or sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")

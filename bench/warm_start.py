@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, required=True)
     parser.add_argument("--short-manifest", required=True, help="mixture at the source model's length")
     parser.add_argument("--long-manifest", required=True, help="mixture at the new length")
-    parser.add_argument("--z-modes", nargs="+", default=["interpolate", "tile"])
+    parser.add_argument("--z-modes", nargs="+", default=["tile", "interpolate"])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "warm_start")

@@ -126,8 +126,14 @@ class M2Encoder(TextEncoder):
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         max_length = self.max_length if max_length is None else min(max_length, self.max_length)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length,
-                             return_attention_mask=False)["input_ids"]
+        if self.model.config.padding_mode == "reference":
+            # The authors' LoCo protocol: tokenize in full, then keep the first max_length tokens (an
+            # over-long text loses its final [SEP]), which their released scores were computed with.
+            ids = [x[:max_length] for x in self.tokenizer(list(texts), verbose=False,
+                                                          return_attention_mask=False)["input_ids"]]
+        else:
+            ids = self.tokenizer(list(texts), truncation=True, max_length=max_length,
+                                 return_attention_mask=False)["input_ids"]
         longest = max(len(x) for x in ids)
         # `reference`: the released models need [PAD] up to their full length; `masked`: pad is harmless.
         width = self.max_length if self.model.config.padding_mode == "reference" else padded_length(longest, self.max_length)

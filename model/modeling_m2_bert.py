@@ -114,8 +114,20 @@ class HyenaFilter(nn.Module):
             kernel = kernel + F.pad(k_rev.flip(-1), (fft_size - length, 0))
         return kernel
 
+    def train(self, mode: bool = True) -> "HyenaFilter":
+        # Optimisers may rewrite parameters without autograd seeing it (ZeRO steps copy into flat buffers,
+        # leaving storage and version counters unchanged), so every switch between training and evaluation
+        # starts from an empty cache.
+        self.clear_spectrum_cache()
+        return super().train(mode)
+
+    def clear_spectrum_cache(self) -> None:
+        """Drop the cached inference spectrum (at 32k positions it holds ~200 MB per filter)."""
+        self._spectrum_cache.clear()
+
     def spectrum(self, length: int, fft_size: int) -> torch.Tensor:
-        """rfft of the circular kernel, (H, fft_size//2 + 1), fp32. Cached while not training."""
+        """rfft of the circular kernel, (H, fft_size//2 + 1), fp32. Cached in eval mode without gradients,
+        until the parameters change in place, `train()`/`eval()` is called or the cache is cleared."""
         if self.training or torch.is_grad_enabled():
             return torch.fft.rfft(self.circular_kernel(length, fft_size).float(), n=fft_size)
         key = (length, fft_size) + tuple((p.data_ptr(), p._version) for p in self.parameters())
@@ -258,6 +270,12 @@ class M2BertPreTrainedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def clear_spectrum_caches(self) -> None:
+        """Free the Hyena filters' cached inference spectra (they are rebuilt on the next forward)."""
+        for module in self.modules():
+            if isinstance(module, HyenaFilter):
+                module.clear_spectrum_cache()
 
     def num_parameters(self, exclude_position_tables: bool = False) -> int:
         """Trainable parameters; optionally without the length-dependent position embeddings and z."""

@@ -24,7 +24,7 @@ try:
 except ImportError:  # sentence-transformers < 5.4 keeps its module classes in `sentence_transformers.models`
     from sentence_transformers.models import InputModule
 
-from .encoders import M2_SENTENCE_MODULE, M2Encoder
+from .encoders import M2Encoder
 from .modeling_m2_bert import M2BertModel
 
 CONFIG_FILE = "m2_sentence_config.json"

@@ -19,7 +19,7 @@ CONFIG=${CONFIG:-configs/pretrain_80M_32k.yaml}
 FROM_8K=${FROM_8K:-runs/pretrain-80M-8k/final}
 WARM_DIR=${WARM_DIR:-runs/warm-start-32k}
 LENGTH=${LENGTH:-32768}
-Z_MODE=${Z_MODE:-interpolate}
+Z_MODE=${Z_MODE:-tile}
 
 if [[ ! -f $WARM_DIR/warm_start.json ]]; then
   launch_once "$PYTHON" -m train.warm_start --from "$FROM_8K" --length "$LENGTH" --z-mode "$Z_MODE" --out "$WARM_DIR"

@@ -61,12 +61,22 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
-def assert_learned(run_dir: Path, summary: dict) -> None:
-    losses = [r["loss"] for r in read_metrics(run_dir, "train")]
-    quarter = len(losses) // 4
-    assert np.mean(losses[-quarter:]) < np.mean(losses[:quarter]), losses
-    assert summary["eval"]["margin"] > summary["eval_initial"]["margin"] + 0.01, (summary["eval_initial"],
-                                                                                   summary["eval"])
+def first_and_last_quarter(run_dir: Path, key: str) -> tuple[float, float]:
+    """Means of a logged training metric over the first and the last quarter of the steps."""
+    values = [r[key] for r in read_metrics(run_dir, "train")]
+    quarter = len(values) // 4
+    return float(np.mean(values[:quarter])), float(np.mean(values[-quarter:]))
+
+
+def assert_heldout_improved(summary: dict, keys: tuple[str, ...]) -> None:
+    before, after = summary["eval_initial"], summary["eval"]
+    if "loss" in keys:
+        assert after["loss"] < before["loss"] - 0.02, (before, after)
+    if "margin" in keys:
+        assert after["margin"] > before["margin"] + 0.02, (before, after)
+
+
+def assert_logged(run_dir: Path) -> None:
     assert (run_dir / "curves.png").stat().st_size > 0
     assert any((run_dir / "tensorboard").iterdir())
 
@@ -80,7 +90,14 @@ def test_tiny_m2_learns_and_its_export_loads_as_m2_encoder_and_sentence_transfor
     run_dir = tmp_path / "run"
     summary = finetune(TINY_CONFIG, [f"model.name_or_path={tiny_export}", f"output.dir={run_dir}"])
     assert summary["finished"] and summary["loss"] == "opl"
-    assert_learned(run_dir, summary)
+    first_loss, last_loss = first_and_last_quarter(run_dir, "loss")
+    first_margin, last_margin = first_and_last_quarter(run_dir, "margin")
+    assert last_loss < first_loss - 0.05 and last_margin > first_margin + 0.1, (first_loss, last_loss,
+                                                                               first_margin, last_margin)
+    # A randomly initialised tiny model learns to separate its training queries' documents but, unlike
+    # a pretrained encoder, not yet unseen queries' (docs/finetuning.md): held out, only the loss falls.
+    assert_heldout_improved(summary, ("loss",))
+    assert_logged(run_dir)
 
     final = Path(summary["export"])
     encoder = load_encoder(str(final))
@@ -99,12 +116,16 @@ def test_minilm_learns_and_exports_a_sentence_transformer(tmp_path):
     from model.encoders import SentenceTransformerEncoder, load_encoder
 
     run_dir = tmp_path / "run"
+    # One positive pair per query (the cosines start near 1 / (1 + negatives), the best constant), so
+    # that the few steps go into telling documents apart rather than into raising every cosine.
     summary = finetune(MINILM_CONFIG, [
         f"output.dir={run_dir}", "data.max_documents=16", "data.max_queries=null", "data.heldout_queries=32",
-        "data.query_max_length=64", "data.document_max_length=128", "negatives.per_positive=2",
-        "training.batch_size=8", "training.max_steps=24", "training.eval_every=100", "optimizer.lr=5e-5"])
+        "data.query_max_length=64", "data.document_max_length=128", "negatives.per_positive=4",
+        "loss.repeat_positive=false", "training.batch_size=8", "training.max_steps=20", "training.eval_every=100",
+        "optimizer.lr=1e-4"])
     assert summary["finished"]
-    assert_learned(run_dir, summary)
+    assert_heldout_improved(summary, ("loss", "margin"))
+    assert_logged(run_dir)
 
     final = Path(summary["export"])
     encoder = load_encoder(str(final))
@@ -115,7 +136,8 @@ def test_minilm_learns_and_exports_a_sentence_transformer(tmp_path):
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_negatives(tiny_export, tmp_path):
-    common = [f"model.name_or_path={tiny_export}", "data.heldout_queries=0", "data.query_max_length=512",
+    common = [f"model.name_or_path={tiny_export}", "data.max_documents=null", "data.heldout_queries=0",
+              "data.query_max_length=512",
               "data.document_max_length=512", "training.checkpoint_every=1000", "output.tensorboard=false"]
 
     def peak(name: str, negatives: int, micro_batch_size: int, steps: int) -> int:

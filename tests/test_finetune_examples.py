@@ -139,3 +139,28 @@ def test_shipped_configs_load_and_errors_name_the_key(tmp_path):
         load_finetune_config(REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["loss.name=triplet"])
     with pytest.raises(ConfigError, match=r"negatives.per_query"):
         load_finetune_config(REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["negatives.per_query=3"])
+
+
+def test_m2_export_is_an_m2_checkpoint_and_a_sentence_transformer(tmp_path):
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from model import M2BertConfig, M2BertModel
+    from model.encoders import M2_SENTENCE_MODULE, M2Encoder, is_m2_directory, load_encoder, minilm_path
+    from model.st_module import M2SentenceEncoder
+
+    assert M2_SENTENCE_MODULE == f"{M2SentenceEncoder.__module__}.{M2SentenceEncoder.__qualname__}"
+    torch.manual_seed(0)
+    encoder = M2Encoder(M2BertModel(M2BertConfig.from_preset("m2-bert-tiny")).eval())
+    encoder.save(tmp_path / "export")
+    texts = ["a short query", "a longer document " * 40]
+    expected = encoder.encode(texts)
+    assert is_m2_directory(tmp_path / "export")
+    loaded = load_encoder(str(tmp_path / "export"))
+    assert isinstance(loaded, M2Encoder)
+    np.testing.assert_allclose(loaded.encode(texts), expected, atol=1e-6)
+    np.testing.assert_allclose(M2BertModel.from_pretrained(tmp_path / "export").encode(texts), expected, atol=1e-6)
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "export"), device="cpu").encode(texts), expected,
+                               atol=1e-6)
+    assert not is_m2_directory(minilm_path())  # other sentence-transformers folders are not M2

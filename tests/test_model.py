@@ -314,3 +314,22 @@ def test_bundled_tokenizer_loads_offline():
     assert (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id) == (0, 101, 102, 103)
     assert len(tokenizer) == 30522
     assert tokenizer("Hello World")["input_ids"] == [101, 7592, 2088, 102]
+
+
+def test_spectrum_cache_is_emptied_by_mode_switches_even_when_weights_change_behind_autograd():
+    torch.manual_seed(0)
+    model = M2BertModel(tiny_config()).eval()
+    ids = torch.randint(1000, 2000, (1, 32))
+    with torch.no_grad():
+        before = model(ids).pooler_output
+        # As a ZeRO optimizer step does: new values through another tensor sharing the storage,
+        # leaving the parameter's version counter untouched.
+        freq = model.layers[0].sequence_mixer.long_conv.sin_freq
+        alias = torch.empty(0).set_(freq.untyped_storage(), freq.storage_offset(), freq.shape, freq.stride())
+        version = freq._version
+        alias.add_(1.0)
+        assert freq._version == version
+        model.train()
+        model.eval()
+        after = model(ids).pooler_output
+    assert (before - after).abs().max() > 1e-4

@@ -70,7 +70,7 @@ def test_cli_writes_a_loadable_model_that_evaluates_on_both_lengths(source, mixt
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "warm_start.json").read_text())
-    assert (record["source_length"], record["length"], record["z_mode"]) == (SHORT, LONG, "interpolate")
+    assert (record["source_length"], record["length"], record["z_mode"]) == (SHORT, LONG, "tile")
     model = M2BertForMaskedLM.from_pretrained(out)
     assert model.m2_bert.embeddings.position_embeddings.weight.shape == (LONG, source.config.hidden_size)
 

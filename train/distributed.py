@@ -104,24 +104,14 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of `values` over all ranks (a copy; float64 on CPU so that metric sums are exact enough)."""
-    total = values.detach().to(dtype=torch.float64, device="cpu" if _backend() == "gloo" else values.device)
+    """Sum of `values` over all ranks, as a float64 CPU tensor (a copy; the input may live anywhere)."""
+    total = values.detach().to(torch.float64, copy=True)
     if dist.is_initialized():
+        # NCCL reduces CUDA tensors only, gloo CPU ones.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        total = total.to(device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
-
-
-def broadcast_object(value, src: int = 0):
-    """`value` as rank `src` has it, on every rank."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def _backend() -> str:
-    return dist.get_backend() if dist.is_initialized() else "gloo"
+    return total.cpu()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

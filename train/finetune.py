@@ -46,7 +46,7 @@ from train.logging_utils import METRICS_FILE, MetricsLogger, plot_training_curve
 from train.losses import MultipleNegativesRankingLoss, OrthogonalProjectionLoss
 from train.memory import peak_memory_bytes, reset_peak_memory
 from train.optim import linear_warmup_decay
-from train.retrieval_examples import (NegativeSampler, RetrievalExample, TaskTexts, build_examples, labelled_pairs,
+from train.retrieval_examples import (NEGATIVE_KINDS, NegativeSampler, RetrievalExample, TaskTexts, build_examples, labelled_pairs,
                                       shuffled, split_queries, triplets)
 
 logger = logging.getLogger("train.finetune")
@@ -98,6 +98,13 @@ class NegativesSection:
     kind: str = "random"
     seed: int = 0
     heldout_per_query: int = 8
+
+    def __post_init__(self):
+        if self.kind not in NEGATIVE_KINDS:
+            raise ValueError(f"negatives kind {self.kind!r}; expected one of {NEGATIVE_KINDS}")
+        if self.per_positive < 0 or self.heldout_per_query < 1:
+            raise ValueError(f"per_positive must be >= 0 and heldout_per_query >= 1, got {self.per_positive} "
+                             f"and {self.heldout_per_query}")
 
 
 @dataclass
@@ -231,6 +238,8 @@ def fingerprint(units: list) -> str:
 
 @dataclass
 class MicroStepOutput:
+    """A micro-step's loss (to back-propagate) and the cosines it scored, for the logs."""
+
     loss: torch.Tensor
     positive_cosines: torch.Tensor  # detached, one per (query, relevant document) scored
     negative_cosines: torch.Tensor
@@ -289,16 +298,15 @@ class TripletObjective:
         return triplets(examples)
 
     def micro_step(self, embed: Embedder, batch: list, texts: TaskTexts) -> MicroStepOutput:
+        with_negative = [i for i, t in enumerate(batch) if t.negative_pid is not None]
         queries = embed.queries([texts.query(t.task, t.qid) for t in batch])
-        negatives = [t for t in batch if t.negative_pid is not None]
         documents = embed.documents([texts.document(t.task, t.positive_pid) for t in batch]
-                                    + [texts.document(t.task, t.negative_pid) for t in negatives])
-        positives, negative_embeddings = documents[:len(batch)], documents[len(batch):]
-        loss = self.loss_fn(queries, positives, negative_embeddings if negatives else None)
+                                    + [texts.document(batch[i].task, batch[i].negative_pid) for i in with_negative])
+        positives, negatives = documents[:len(batch)], documents[len(batch):]
+        loss = self.loss_fn(queries, positives, negatives if with_negative else None)
         q = queries.detach().float()
         positive_cosines = F.cosine_similarity(q, positives.detach().float(), dim=-1)
-        owners = [i for i, t in enumerate(batch) if t.negative_pid is not None]
-        negative_cosines = F.cosine_similarity(q[owners], negative_embeddings.detach().float(), dim=-1)
+        negative_cosines = F.cosine_similarity(q[with_negative], negatives.detach().float(), dim=-1)
         return MicroStepOutput(loss, positive_cosines, negative_cosines)
 
 
@@ -374,10 +382,14 @@ class IntervalMetrics:
         return metrics
 
 
-def cosine_margin(encoder, examples: list[RetrievalExample], texts: TaskTexts, batch_size: int,
-                  query_max_length: int | None, document_max_length: int | None) -> dict[str, float]:
-    """Held-out check: mean over examples of cos(q, positive) - mean cos(q, negatives), the mean cosines,
-    and the share of examples whose positive outscores all their negatives."""
+def heldout_metrics(encoder, examples: list[RetrievalExample], texts: TaskTexts, batch_size: int,
+                    query_max_length: int | None, document_max_length: int | None) -> dict[str, float]:
+    """Retrieval quality on examples never trained on, per example then averaged:
+      * margin: cos(q, positive) - mean cos(q, negatives), and the two mean cosines;
+      * accuracy: whether the positive outscores every negative;
+      * loss: the OPL of its pairs laid out as the authors' training data, the positive pair once per
+        negative pair: mean over negatives of ((cos(q, positive) - 1)^2 + cos(q, negative)^2) / 2.
+    """
     query_keys = sorted({(e.task, e.qid) for e in examples})
     document_keys = sorted({(e.task, pid) for e in examples for pid in (e.positive_pid, *e.negative_pids)})
     query_vectors = torch.from_numpy(encoder.encode([texts.query(*k) for k in query_keys], batch_size,
@@ -388,17 +400,16 @@ def cosine_margin(encoder, examples: list[RetrievalExample], texts: TaskTexts, b
     document_row = {k: i for i, k in enumerate(document_keys)}
     query_vectors = F.normalize(query_vectors, dim=-1)
     document_vectors = F.normalize(document_vectors, dim=-1)
-    positives, negatives, margins, wins = [], [], [], []
+    per_example = []
     for e in examples:
         q = query_vectors[query_row[e.task, e.qid]]
         positive = float(q @ document_vectors[document_row[e.task, e.positive_pid]])
-        negative = [float(q @ document_vectors[document_row[e.task, pid]]) for pid in e.negative_pids] or [0.0]
-        positives.append(positive)
-        negatives.extend(negative)
-        margins.append(positive - sum(negative) / len(negative))
-        wins.append(float(positive > max(negative)))
-    return {"margin": sum(margins) / len(margins), "positive_cosine": sum(positives) / len(positives),
-            "negative_cosine": sum(negatives) / len(negatives), "accuracy": sum(wins) / len(wins)}
+        negatives = [float(q @ document_vectors[document_row[e.task, pid]]) for pid in e.negative_pids]
+        mean_negative = sum(negatives) / len(negatives)
+        loss = sum(((positive - 1) ** 2 + n ** 2) / 2 for n in negatives) / len(negatives)
+        per_example.append((positive - mean_negative, positive, mean_negative, float(positive > max(negatives)), loss))
+    means = [sum(column) / len(per_example) for column in zip(*per_example)]
+    return dict(zip(("margin", "positive_cosine", "negative_cosine", "accuracy", "loss"), means))
 
 
 def max_over_ranks(value: int) -> int:
@@ -427,8 +438,9 @@ class FineTuning:
         train_queries, heldout_queries = split_queries(tasks, data.heldout_queries, data.max_queries, negatives.seed)
         self.examples = build_examples(train_queries, NegativeSampler(tasks, negatives.per_positive, negatives.kind,
                                                                       negatives.seed), tasks)
-        self.heldout = build_examples(heldout_queries, NegativeSampler(tasks, negatives.heldout_per_query, "random",
-                                                                       negatives.seed), tasks)
+        heldout = build_examples(heldout_queries, NegativeSampler(tasks, negatives.heldout_per_query, "random",
+                                                                  negatives.seed), tasks)
+        self.heldout = [e for e in heldout if e.negative_pids]  # a margin needs negatives
         self.objective = make_objective(config.loss)
         self.units = self.objective.units(self.examples)
         self.units_fingerprint = fingerprint(self.units)
@@ -498,7 +510,7 @@ class FineTuning:
 
     def evaluate(self) -> dict[str, float]:
         data = self.config.data
-        return cosine_margin(self.encoder, self.heldout, self.texts, self.config.training.eval_batch_size,
+        return heldout_metrics(self.encoder, self.heldout, self.texts, self.config.training.eval_batch_size,
                              data.query_max_length, data.document_max_length)
 
     def run(self, stop_after_steps: int | None = None) -> dict:
@@ -583,8 +595,9 @@ def format_summary(summary: dict) -> str:
     for key, label in (("eval_initial", "held-out before"), ("eval", "held-out after")):
         if summary[key]:
             values = summary[key]
-            lines.append(f"  {label}: margin {values['margin']:.4f} (cos positive {values['positive_cosine']:.4f}, "
-                         f"negative {values['negative_cosine']:.4f}), accuracy {values['accuracy']:.3f}")
+            lines.append(f"  {label}: loss {values['loss']:.4f}, margin {values['margin']:.4f} (cos positive "
+                         f"{values['positive_cosine']:.4f}, negative {values['negative_cosine']:.4f}), "
+                         f"accuracy {values['accuracy']:.3f}")
     if "export" in summary:
         lines.append(f"  fine-tuned model: {summary['export']}")
     return "\n".join(lines)

@@ -13,19 +13,6 @@ from .distributed import all_reduce_sum
 from .mlm_data import KIND_IDS, MLMMasker, PaddingCollator, batches
 
 
-def clear_spectrum_caches(module: torch.nn.Module) -> None:
-    """Drop the Hyena filters' cached inference spectra.
-
-    The cache is keyed on parameter storage and version counters, but DeepSpeed's ZeRO 1/2 step writes new
-    values into the same storage without bumping the version: evaluating between training steps would
-    otherwise reuse the filters of the previous evaluation.
-    """
-    for submodule in module.modules():
-        cache = getattr(submodule, "_spectrum_cache", None)
-        if cache is not None:
-            cache.clear()
-
-
 @torch.no_grad()
 def evaluate_mlm(forward, samples: list[dict], collator: PaddingCollator, masker: MLMMasker, batch_size: int,
                  device: torch.device) -> dict[str, float]:

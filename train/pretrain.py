@@ -32,7 +32,7 @@ from train.distributed import (all_reduce_sum, barrier, deepspeed_config, init_d
                                launch_environment, resolve_precision, shutdown)
 from train.logging_utils import METRICS_FILE, MetricsLogger, peak_memory_bytes, plot_training_curves, progress_bar, setup_logging
 from train.mlm_data import DataConfig, MLMMasker, PaddingCollator, eval_samples, manifest_seq_len, train_loader
-from train.mlm_eval import clear_spectrum_caches, evaluate_mlm
+from train.mlm_eval import evaluate_mlm
 from train.optim import OptimizerConfig, build_adamw, linear_warmup_decay
 
 logger = logging.getLogger("train.pretrain")
@@ -253,11 +253,10 @@ class Pretraining:
         self.step += 1
 
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
-        clear_spectrum_caches(self.engine.module)
+        self.engine.eval()  # also empties the filters' spectrum caches: the weights changed since last time
         metrics = evaluate_mlm(self.engine, self.eval_set, self.eval_collator, self.eval_masker,
                                self.eval_batch_size, self.device)
-        clear_spectrum_caches(self.engine.module)  # at 32k they hold gigabytes that training needs
+        self.engine.module.clear_spectrum_caches()  # at 32k they hold gigabytes that training needs
         self.engine.train()
         return metrics
 
