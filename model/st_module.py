@@ -3,9 +3,9 @@
 A directory written by `save_sentence_transformer` (which `model.encoders.M2Encoder.save` calls) is at once
   * an M2-BERT checkpoint: `config.json` + `model.safetensors` of an `M2BertModel` (pooler included),
     loaded by `model.M2BertModel.from_pretrained(path)` and `model.encoders.load_encoder(path)`;
-  * a sentence-transformers model: `modules.json` names one module, `M2SentenceEncoder`
-    (`model.st_module.M2SentenceEncoder`, `model.encoders.M2_SENTENCE_MODULE`; saved in the root, its settings in `m2_sentence_config.json`),
-    and `config_sentence_transformers.json` sets cosine similarity.
+  * a sentence-transformers model: `modules.json` names one module, `M2SentenceEncoder` (import path
+    `model.encoders.M2_SENTENCE_MODULE`), saved in the root with its settings in `m2_sentence_config.json`;
+    `config_sentence_transformers.json` sets cosine similarity.
 
 The embedding is the pooler output, with the same tokenization and padding as `M2Encoder`, so
 `SentenceTransformer(path).encode(texts)` equals `load_encoder(path).encode(texts)`.

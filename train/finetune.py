@@ -46,8 +46,8 @@ from train.logging_utils import METRICS_FILE, MetricsLogger, plot_training_curve
 from train.losses import MultipleNegativesRankingLoss, OrthogonalProjectionLoss
 from train.memory import peak_memory_bytes, reset_peak_memory
 from train.optim import linear_warmup_decay
-from train.retrieval_examples import (NEGATIVE_KINDS, NegativeSampler, RetrievalExample, TaskTexts, build_examples, labelled_pairs,
-                                      shuffled, split_queries, triplets)
+from train.retrieval_examples import (NEGATIVE_KINDS, NegativeSampler, RetrievalExample, TaskTexts, build_examples,
+                                      labelled_pairs, shuffled, split_queries, triplets)
 
 logger = logging.getLogger("train.finetune")
 
@@ -407,7 +407,8 @@ def heldout_metrics(encoder, examples: list[RetrievalExample], texts: TaskTexts,
         negatives = [float(q @ document_vectors[document_row[e.task, pid]]) for pid in e.negative_pids]
         mean_negative = sum(negatives) / len(negatives)
         loss = sum(((positive - 1) ** 2 + n ** 2) / 2 for n in negatives) / len(negatives)
-        per_example.append((positive - mean_negative, positive, mean_negative, float(positive > max(negatives)), loss))
+        wins = float(positive > max(negatives))
+        per_example.append((positive - mean_negative, positive, mean_negative, wins, loss))
     means = [sum(column) / len(per_example) for column in zip(*per_example)]
     return dict(zip(("margin", "positive_cosine", "negative_cosine", "accuracy", "loss"), means))
 
@@ -525,7 +526,8 @@ class FineTuning:
             logger.info("held-out before training: margin %.4f (cos positive %.4f, negative %.4f)",
                         eval_initial["margin"], eval_initial["positive_cosine"], eval_initial["negative_cosine"])
         last_step = min(total, stop_after_steps or total)
-        bar = progress_bar(total=total, initial=self.step, enabled=main, description=f"finetune ({self.config.loss.name})")
+        bar = progress_bar(total=total, initial=self.step, enabled=main,
+                           description=f"finetune ({self.config.loss.name})")
         interval = IntervalMetrics()
         started = time.perf_counter()
         reset_peak_memory(self.device)
@@ -586,8 +588,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def format_summary(summary: dict) -> str:
     lines = [f"fine-tuning ({summary['loss']}) {'finished' if summary['finished'] else 'stopped'} at step "
              f"{summary['step']}/{summary['total_steps']} in {summary['seconds']:.1f} s on {summary['world_size']} "
-             f"process(es) ({summary['precision']}, ZeRO stage {summary['zero_stage']}); {summary['examples']} examples, "
-             f"{summary['units']} units, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]
+             f"process(es) ({summary['precision']}, ZeRO stage {summary['zero_stage']}); {summary['examples']} "
+             f"examples, {summary['units']} units, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]
     if summary["train"]:
         train = summary["train"]
         lines.append(f"  last train step: loss {train['loss']:.4f}, cos positive {train['positive_cosine']:.4f}, "
