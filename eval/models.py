@@ -78,7 +78,10 @@ class ModelSpec:
         if self.is_bm25:
             return BM25
         options = [self.protocol] + ([str(self.max_length)] if self.max_length else [])
-        return f"{Path(self.name).name} ({', '.join(options)})"
+        path = Path(self.name)
+        # Training runs export to <run>/final: such models are known by their run's name.
+        name = f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
+        return f"{name} ({', '.join(options)})"
 
 
 def build_retriever(spec: ModelSpec, cache: EmbeddingCache, device: torch.device, batch_size: int = 16,
