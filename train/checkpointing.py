@@ -107,8 +107,10 @@ class CheckpointManager:
         return client_state or {}, state.get("extra", {})
 
 
-def export_pretrained(engine, build_model: Callable[[], torch.nn.Module], directory: str | Path) -> Path | None:
-    """Collective: write the engine's model with `save_pretrained` (fp32, whatever the ZeRO stage or precision).
+def export_pretrained(engine, build_model: Callable[[], torch.nn.Module], directory: str | Path,
+                      save: Callable[[torch.nn.Module, Path], None] | None = None) -> Path | None:
+    """Collective: write the engine's model in fp32, whatever the ZeRO stage or precision, with
+    `save(model, directory)` (default: the model's `save_pretrained`; fine-tuning passes `TextEncoder.save`).
 
     `build_model` makes a fresh model of the same class and config on CPU; it receives the full fp32
     parameters and keeps its own freshly computed buffers (the Hyena time grid and decay rates are
@@ -125,8 +127,11 @@ def export_pretrained(engine, build_model: Callable[[], torch.nn.Module], direct
         if missing or unexpected:
             raise RuntimeError(f"export to {directory}: parameters do not match the model "
                                f"(missing {missing}, unexpected {unexpected})")
-        model.save_pretrained(directory)
         path = Path(directory)
+        if save is None:
+            model.save_pretrained(path)
+        else:
+            save(model, path)
         logger.info("exported %s to %s", type(model).__name__, path)
     barrier()
     return path

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -38,11 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from eval.data import load_tasks
-from train.checkpointing import CheckpointManager
-from train.config import apply_overrides, from_mapping, read_yaml, to_mapping, write_yaml
-from train.distributed import (all_reduce_sum, barrier, deepspeed_config, gather_full_state_dict, init_distributed,
-                               initialize_engine, is_main_process, launch_environment, resolve_precision)
-from train.logging_utils import METRICS_FILE, MetricsLogger, plot_training_curves, progress_bar, setup_logging
+from train.checkpointing import CheckpointManager, export_pretrained
+from train.cli import run_training, training_arguments
+from train.config import apply_overrides, from_mapping, read_yaml
+from train.distributed import (all_reduce_sum, barrier, deepspeed_config, initialize_engine, launch_environment, resolve_precision)
+from train.logging_utils import METRICS_FILE, MetricsLogger, plot_training_curves, progress_bar
 from train.losses import MultipleNegativesRankingLoss, OrthogonalProjectionLoss
 from train.memory import peak_memory_bytes, reset_peak_memory
 from train.optim import linear_warmup_decay
@@ -336,25 +335,6 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
                                 {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}) if group["params"]]
 
 
-def export_encoder(engine, build, directory: Path) -> None:
-    """Collective: save the engine's model in fp32 with `TextEncoder.save` (any ZeRO stage or precision).
-
-    `build` makes a fresh encoder of the same kind on CPU that receives the full parameters and keeps its
-    own buffers."""
-    state = gather_full_state_dict(engine)
-    if is_main_process():
-        encoder = build()
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-        buffers = {name for name, _ in encoder.named_buffers()}
-        missing = [k for k in missing if k not in buffers]
-        if missing or unexpected:
-            raise RuntimeError(f"export to {directory}: parameters do not match the encoder "
-                               f"(missing {missing}, unexpected {unexpected})")
-        encoder.save(directory)
-        logger.info("exported the fine-tuned encoder to %s", directory)
-    barrier()
-
-
 # --- metrics ------------------------------------------------------------------------------------------
 
 class IntervalMetrics:
@@ -558,7 +538,8 @@ class FineTuning:
                    "accumulation_steps": self.plan.accumulation_steps, "peak_memory_bytes": peak,
                    "train": last_train, "eval_initial": eval_initial, "eval": last_eval}
         if summary["finished"]:
-            export_encoder(self.engine, lambda: build_encoder(self.config.model), self.output_dir / "final")
+            export_pretrained(self.engine, lambda: build_encoder(self.config.model), self.output_dir / "final",
+                              save=lambda encoder, directory: encoder.save(directory))
             summary["export"] = str(self.output_dir / "final")
         if main:
             if (self.output_dir / METRICS_FILE).is_file():
@@ -572,17 +553,9 @@ class FineTuning:
 # --- command line -------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (configs/finetune_*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. loss.name=mnrl training.micro_batch_size=2 output.dir=runs/x")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in the output directory (fresh start if none)")
-    parser.add_argument("--stop-after-steps", type=int, default=None,
-                        help="checkpoint and stop after this many optimizer steps (as if preempted)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser = training_arguments(__doc__.split("\n\n")[0], "configs/finetune_*.yaml",
+                                "loss.name=mnrl training.micro_batch_size=2 output.dir=runs/x")
+    return parser.parse_intermixed_args(argv)
 
 
 def format_summary(summary: dict) -> str:
@@ -606,25 +579,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    env = launch_environment()
-    setup_logging(env.rank)
-    config = load_finetune_config(args.config, args.overrides)
-    device = init_distributed(config.training.device)
-    output_dir = Path(config.output.dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(to_mapping(config), output_dir / "config.yaml")
-    run = FineTuning(config, device)
-    if args.resume:
-        run.resume()
-    elif run.checkpoints.latest() is not None:
-        raise SystemExit(f"{run.checkpoints.directory} already holds checkpoints: pass --resume to continue "
-                         "that run, or choose another output.dir")
-    summary = run.run(stop_after_steps=args.stop_after_steps)
-    if env.is_main:
-        print(format_summary(summary))
-    return 0 if math.isfinite(summary.get("train", {}).get("loss", 0.0)) else 1
+    return run_training(parse_args(argv), load_finetune_config, FineTuning, format_summary)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,10 +26,11 @@ if __package__ in (None, ""):  # run as a file (`deepspeed train/pretrain.py`): 
 import torch
 
 from train.checkpointing import CheckpointManager, export_pretrained
-from train.config import from_mapping, apply_overrides, read_yaml, to_mapping, write_yaml
-from train.distributed import (all_reduce_sum, barrier, deepspeed_config, init_distributed, initialize_engine,
-                               launch_environment, resolve_precision, shutdown)
-from train.logging_utils import METRICS_FILE, MetricsLogger, peak_memory_bytes, plot_training_curves, progress_bar, setup_logging
+from train.cli import run_training, training_arguments
+from train.config import from_mapping, apply_overrides, read_yaml
+from train.distributed import (all_reduce_sum, barrier, deepspeed_config, initialize_engine,
+                               launch_environment, resolve_precision)
+from train.logging_utils import METRICS_FILE, MetricsLogger, peak_memory_bytes, plot_training_curves, progress_bar
 from train.mlm_data import DataConfig, MLMMasker, PaddingCollator, eval_samples, manifest_seq_len, train_loader
 from train.mlm_eval import evaluate_mlm
 from train.optim import OptimizerConfig, build_adamw, linear_warmup_decay
@@ -320,16 +320,8 @@ class Pretraining:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (configs/pretrain_*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. training.max_steps=100 output.dir=runs/x")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in the output directory (fresh start if none)")
-    parser.add_argument("--stop-after-steps", type=int, default=None,
-                        help="checkpoint and stop after this many optimizer steps (as if preempted)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser = training_arguments(__doc__.split("\n\n")[0], "configs/pretrain_*.yaml",
+                                "training.max_steps=100 output.dir=runs/x")
     return parser.parse_intermixed_args(argv)
 
 
@@ -350,26 +342,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    env = launch_environment()
-    setup_logging(env.rank)
-    config = load_pretrain_config(args.config, args.overrides)
-    device = init_distributed(config.training.device)
-    output_dir = Path(config.output.dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(to_mapping(config), output_dir / "config.yaml")
-    run = Pretraining(config, device)
-    if args.resume:
-        run.resume()
-    elif run.checkpoints.latest() is not None:
-        raise SystemExit(f"{run.checkpoints.directory} already holds checkpoints: pass --resume to continue "
-                         "that run, or choose another output.dir")
-    summary = run.run(stop_after_steps=args.stop_after_steps)
-    shutdown()
-    if env.is_main:
-        print(format_summary(summary))
-    return 0 if math.isfinite(summary.get("train", {}).get("loss", 0.0)) else 1
+    return run_training(parse_args(argv), load_pretrain_config, Pretraining, format_summary)
 
 
 if __name__ == "__main__":
