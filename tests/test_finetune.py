@@ -68,12 +68,12 @@ def first_and_last_quarter(run_dir: Path, key: str) -> tuple[float, float]:
     return float(np.mean(values[:quarter])), float(np.mean(values[-quarter:]))
 
 
-def assert_heldout_improved(summary: dict, keys: tuple[str, ...]) -> None:
+def assert_heldout_improved(summary: dict, margin_gain: float) -> None:
+    """The held-out OPL loss falls and the held-out cosine margin rises by at least `margin_gain` (runs
+    that learn nothing move it by about +-0.03: docs/finetuning.md)."""
     before, after = summary["eval_initial"], summary["eval"]
-    if "loss" in keys:
-        assert after["loss"] < before["loss"] - 0.02, (before, after)
-    if "margin" in keys:
-        assert after["margin"] > before["margin"] + 0.02, (before, after)
+    assert after["loss"] < before["loss"] - 0.02, (before, after)
+    assert after["margin"] > before["margin"] + margin_gain, (before, after)
 
 
 def assert_logged(run_dir: Path) -> None:
@@ -94,9 +94,9 @@ def test_tiny_m2_learns_and_its_export_loads_as_m2_encoder_and_sentence_transfor
     first_margin, last_margin = first_and_last_quarter(run_dir, "margin")
     assert last_loss < first_loss - 0.05 and last_margin > first_margin + 0.1, (first_loss, last_loss,
                                                                                first_margin, last_margin)
-    # A randomly initialised tiny model learns to separate its training queries' documents but, unlike
-    # a pretrained encoder, not yet unseen queries' (docs/finetuning.md): held out, only the loss falls.
-    assert_heldout_improved(summary, ("loss",))
+    # Held-out queries ask about the slice's meetings too: the model must have learnt which words of a
+    # query point to which meeting, not the training queries themselves (about +0.06 to +0.10 here).
+    assert_heldout_improved(summary, margin_gain=0.04)
     assert_logged(run_dir)
 
     final = Path(summary["export"])
@@ -124,7 +124,7 @@ def test_minilm_learns_and_exports_a_sentence_transformer(tmp_path):
         "loss.repeat_positive=false", "training.batch_size=8", "training.max_steps=20", "training.eval_every=100",
         "optimizer.lr=1e-4"])
     assert summary["finished"]
-    assert_heldout_improved(summary, ("loss", "margin"))
+    assert_heldout_improved(summary, margin_gain=0.03)
     assert_logged(run_dir)
 
     final = Path(summary["export"])
