@@ -263,34 +263,22 @@ def test_truncated_weights_file(tmp_path):
 
 
 @needs_conformance
-def test_missing_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("key, tensor, message", [
+    ("bert.encoder.layer.1.mlp.wo.bias", None, r"missing key.*layers\.1\.state_mixer\.out_proj\.bias"),
+    ("bert.encoder.layer.0.mlp.gated_layers.weight", torch.zeros(4, 32, 16),
+     r"wrong shape.*layers\.0\.state_mixer\.gate_value_proj\.weight"),
+    ("bert.encoder.layer.0.attention.Wqkv.weight", torch.zeros(3, 3), r"Wqkv"),
+    ("bert.encoder.layer.0.attention.filter_fn.implicit_filter.3.freq", torch.zeros(1, 32),
+     r"implicit_filter\.3\.freq.*same shared tensor"),
+], ids=["missing", "mis-shaped", "unexpected", "diverging-shared-freq"])
+def test_bad_tensor_in_the_authors_checkpoint_is_named(tmp_path, key, tensor, message):
+    """The authors' checkpoint with one tensor deleted (None) or replaced: the error names it."""
     state = torch.load(CONFORMANCE / "retrieval" / "pytorch_model.bin", weights_only=True)
-    del state["bert.encoder.layer.1.mlp.wo.bias"]
-    with pytest.raises(ValueError, match=r"missing key.*layers\.1\.state_mixer\.out_proj\.bias"):
-        M2BertModel.from_pretrained(_authors_layout(tmp_path, state))
-
-
-@needs_conformance
-def test_mis_shaped_tensor_is_named(tmp_path):
-    state = torch.load(CONFORMANCE / "retrieval" / "pytorch_model.bin", weights_only=True)
-    state["bert.encoder.layer.0.mlp.gated_layers.weight"] = torch.zeros(4, 32, 16)
-    with pytest.raises(ValueError, match=r"wrong shape.*layers\.0\.state_mixer\.gate_value_proj\.weight"):
-        M2BertModel.from_pretrained(_authors_layout(tmp_path, state))
-
-
-@needs_conformance
-def test_unexpected_tensor_is_named(tmp_path):
-    state = torch.load(CONFORMANCE / "retrieval" / "pytorch_model.bin", weights_only=True)
-    state["bert.encoder.layer.0.attention.Wqkv.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match=r"Wqkv"):
-        M2BertModel.from_pretrained(_authors_layout(tmp_path, state))
-
-
-@needs_conformance
-def test_diverging_shared_freq_is_an_error(tmp_path):
-    state = torch.load(CONFORMANCE / "retrieval" / "pytorch_model.bin", weights_only=True)
-    state["bert.encoder.layer.0.attention.filter_fn.implicit_filter.3.freq"] = torch.zeros(1, 32)
-    with pytest.raises(ValueError, match=r"implicit_filter\.3\.freq.*same shared tensor"):
+    if tensor is None:
+        del state[key]
+    else:
+        state[key] = tensor
+    with pytest.raises(ValueError, match=message):
         M2BertModel.from_pretrained(_authors_layout(tmp_path, state))
 
 
