@@ -1,8 +1,8 @@
 """Speed of the Monarch Mixer kernels on a GPU, measured side by side in one run.
 
 - forward tokens per second of the whole 80M M2-BERT at 2k, 8k and 32k positions (batches of about
-  --tokens-per-batch tokens), through the PyTorch path (M2_KERNELS=torch) and the kernel path
-  (M2_KERNELS=cuda, which fails loudly rather than falling back);
+  --tokens-per-batch tokens), through the PyTorch path (`kernel_implementation="torch"`) and the kernel
+  path (`kernel_implementation="cuda"`, which fails loudly rather than falling back);
 - the same for a BERT-base-sized transformer (12 layers, 768 wide, 12 heads, FFN 3072) whose attention is
   PyTorch's scaled_dot_product_attention;
 - the time of one fine-tuning step (forward, backward, AdamW) at 32k positions with batch 1 for all three.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import statistics
 from pathlib import Path
@@ -85,8 +84,9 @@ def build(system: str, length: int, dtype: torch.dtype) -> nn.Module:
     if system == "sdpa-transformer":
         model = SdpaBert(length)
     else:
-        os.environ["M2_KERNELS"] = "cuda" if system == "m2-kernels" else "torch"
-        model = M2BertModel(M2BertConfig.from_preset(PRESETS[length], padding_mode="reference"))
+        implementation = "cuda" if system == "m2-kernels" else "torch"
+        model = M2BertModel(M2BertConfig.from_preset(PRESETS[length], padding_mode="reference",
+                                                     kernel_implementation=implementation))
     return model.to("cuda", dtype)
 
 

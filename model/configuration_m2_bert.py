@@ -2,8 +2,9 @@
 
 `M2BertConfig` reads the authors' released `config.json` files unchanged
 (`togethercomputer/m2-bert-80M-{2k,8k,32k}-retrieval`, `hazyresearch/M2-BERT-*-Retrieval-Encoder-V1`):
-their `model_type` may be "bert" and the M2 switches (`monarch_mixer_sequence_mixing`, `use_flash_fft`)
-may be absent, so every M2 key has the default the released models were trained with.
+their `model_type` may be "bert" and the M2 switch `monarch_mixer_sequence_mixing` may be absent, so every
+M2 key has the default the released models were trained with. Their training-recipe and implementation
+keys (`AUTHORS_NON_ARCHITECTURE_KEYS`) are not ours: `model.loading` leaves them out.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ import copy
 from transformers import PretrainedConfig
 
 PADDING_MODES = ("reference", "masked")
+# Which code runs the Monarch Mixer hot paths (see `model.kernels`): the fused CUDA kernels when they can
+# run (`auto`), always the PyTorch reference (`torch`), or the kernels or an error (`cuda`).
+KERNEL_IMPLEMENTATIONS = ("auto", "torch", "cuda")
+HIDDEN_ACTIVATIONS = ("gelu",)  # GELU (erf), in the GLU gate and the MLM head, as every released model
+
+# Keys of the authors' config.json files that describe their training recipe (the Hyena optimiser groups,
+# which our training configs set) or their implementation switch (FlashFFTConv; ours is
+# `kernel_implementation`), not the function the model computes.
+AUTHORS_NON_ARCHITECTURE_KEYS = ("hyena_wd", "hyena_lr_pos_emb", "long_conv_kernel_learning_rate", "use_flash_fft")
+# Settings of the process that runs a model, not of the checkpoint: never written to config.json.
+RUNTIME_KEYS = ("kernel_implementation",)
 
 # The 80M architecture shared by every released retrieval model; only the length differs.
 _M2_BERT_80M = dict(
@@ -51,6 +63,8 @@ class M2BertConfig(PretrainedConfig):
     (the authors keep both, always equal). `padding_mode` is ours: `reference` pads every input to
     the full length with [PAD] as the released checkpoints need; `masked` zeroes positions beyond
     each text before every long convolution, so outputs do not depend on how far a batch is padded.
+    `kernel_implementation` is ours too, a choice of the runtime (as Hugging Face's attention
+    implementation), so exports do not store it; the `M2_KERNELS` environment variable overrides it.
     """
 
     model_type = "m2_bert"
@@ -76,17 +90,14 @@ class M2BertConfig(PretrainedConfig):
         hyena_filter_order: int = 128,
         hyena_w: float = 10.0,
         hyena_w_mod: float = 1.0,
-        hyena_wd: float = 0.1,
-        hyena_lr_pos_emb: float = 1e-5,
-        long_conv_kernel_learning_rate: float = 1e-3,
         hyena_training_additions: bool = False,
         use_glu_mlp: bool = True,
         use_monarch_mlp: bool = True,
         monarch_mlp_nblocks: int = 4,
         use_positional_encodings: bool = True,
         pool_all: bool = False,
-        use_flash_fft: bool = False,
         padding_mode: str = "masked",
+        kernel_implementation: str = "auto",
         gradient_checkpointing: bool = False,
         **kwargs,
     ):
@@ -109,17 +120,14 @@ class M2BertConfig(PretrainedConfig):
         self.hyena_filter_order = hyena_filter_order
         self.hyena_w = hyena_w
         self.hyena_w_mod = hyena_w_mod
-        self.hyena_wd = hyena_wd
-        self.hyena_lr_pos_emb = hyena_lr_pos_emb
-        self.long_conv_kernel_learning_rate = long_conv_kernel_learning_rate
         self.hyena_training_additions = hyena_training_additions
         self.use_glu_mlp = use_glu_mlp
         self.use_monarch_mlp = use_monarch_mlp
         self.monarch_mlp_nblocks = monarch_mlp_nblocks
         self.use_positional_encodings = use_positional_encodings
         self.pool_all = pool_all
-        self.use_flash_fft = use_flash_fft
         self.padding_mode = padding_mode
+        self.kernel_implementation = kernel_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.validate()
 
@@ -137,6 +145,12 @@ class M2BertConfig(PretrainedConfig):
             if bool(value) != supported:
                 raise ValueError(f"M2BertConfig: {key}={value!r} is not supported (only {supported!r}, "
                                  "as in every released M2-BERT retrieval model)")
+        if self.hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ValueError(f"M2BertConfig: hidden_act={self.hidden_act!r} is not supported (only "
+                             f"{HIDDEN_ACTIVATIONS}, as in every released M2-BERT model)")
+        if self.kernel_implementation not in KERNEL_IMPLEMENTATIONS:
+            raise ValueError(f"M2BertConfig: kernel_implementation={self.kernel_implementation!r}; expected one "
+                             f"of {KERNEL_IMPLEMENTATIONS}")
         if self.padding_mode not in PADDING_MODES:
             raise ValueError(f"M2BertConfig: padding_mode={self.padding_mode!r}; expected one of {PADDING_MODES}")
         if self.long_conv_l_max != self.max_position_embeddings:

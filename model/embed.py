@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from .configuration_m2_bert import PRESET_ALIASES, PRESETS, M2BertConfig
+from .modeling_m2_bert import M2BertModel
 
 logger = logging.getLogger("model.embed")
 
@@ -44,11 +48,6 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from . import M2BertConfig, M2BertModel, PRESETS
-    from .configuration_m2_bert import PRESET_ALIASES
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="m2-bert-tiny", help="checkpoint directory or preset name")
     parser.add_argument("--input", type=Path, nargs="+", required=True)

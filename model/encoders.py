@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+
+from .batching import encode_in_batches
+from .modeling_m2_bert import M2BertModel
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Masked-mode M2 batches are padded to a multiple of this: keeps shapes (and FFT plans) few.
-PAD_MULTIPLE = 64
 # The one sentence-transformers module of our M2 fine-tuning exports (defined in `model.st_module`).
 M2_SENTENCE_MODULE = "model.st_module.M2SentenceEncoder"
 MINILM_ALIASES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm")
@@ -69,49 +70,24 @@ class TextEncoder(nn.Module):
                     for k, v in self.tokenize(texts, max_length).items()}
         return self.forward(features)
 
-    @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
                show_progress_bar: bool = False) -> np.ndarray:
-        """(N, D) float32 embeddings in input order. Texts are batched longest first (by characters),
-        so batches hold similar lengths and memory peaks at the start."""
-        if isinstance(texts, str):
-            raise TypeError("encode() takes a list of texts, not a single string")
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        chunks = []
-        was_training = self.training
-        self.eval()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        try:
-            for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {self.name}",
-                              disable=not show_progress_bar):
-                batch = [texts[i] for i in order[start:start + batch_size]]
-                with autocast:
-                    chunks.append(self.embed(batch, max_length).float().cpu().numpy())
-        finally:
-            self.train(was_training)
-        out = np.empty((len(texts), chunks[0].shape[1] if chunks else 0), dtype=np.float32)
-        if chunks:
-            out[order] = np.concatenate(chunks)
-        return out
-
-
-def padded_length(longest: int, model_length: int) -> int:
-    """Length a masked-mode batch is padded to: the longest text rounded up, never past the model's."""
-    return min(model_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        """(N, D) float32 embeddings in input order (see `model.batching.encode_in_batches`)."""
+        return encode_in_batches(self, lambda batch: self.embed(batch, max_length), texts, batch_size,
+                                 show_progress_bar, description=f"encode {self.name}")
 
 
 class M2Encoder(TextEncoder):
-    """An `M2BertModel` behind the `TextEncoder` interface; the embedding is the pooler output."""
+    """An `M2BertModel` behind the `TextEncoder` interface; the embedding is the pooler output, the inputs
+    tokenized and padded by `M2BertModel.tokenize`."""
 
-    def __init__(self, model, name: str = "m2-bert"):
+    def __init__(self, model: M2BertModel, name: str = "m2-bert"):
         super().__init__()
         self.model = model
         self.name = name
 
     @classmethod
     def from_pretrained(cls, directory, **config_overrides) -> "M2Encoder":
-        from .modeling_m2_bert import M2BertModel
-
         return cls(M2BertModel.from_pretrained(directory, **config_overrides), name=Path(directory).name)
 
     @property
@@ -120,29 +96,10 @@ class M2Encoder(TextEncoder):
 
     @property
     def tokenizer(self):
-        from .tokenizer import load_tokenizer
-
         return load_tokenizer()
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
-        if self.model.config.padding_mode == "reference":
-            # The authors' LoCo protocol: tokenize in full, then keep the first max_length tokens (an
-            # over-long text loses its final [SEP]), which their released scores were computed with.
-            ids = [x[:max_length] for x in self.tokenizer(list(texts), verbose=False,
-                                                          return_attention_mask=False)["input_ids"]]
-        else:
-            ids = self.tokenizer(list(texts), truncation=True, max_length=max_length,
-                                 return_attention_mask=False)["input_ids"]
-        longest = max(len(x) for x in ids)
-        # `reference`: the released models need [PAD] up to their full length; `masked`: pad is harmless.
-        width = self.max_length if self.model.config.padding_mode == "reference" else padded_length(longest, self.max_length)
-        input_ids = torch.zeros((len(ids), width), dtype=torch.long)  # [PAD] = 0
-        attention_mask = torch.zeros_like(input_ids)
-        for row, tokens in enumerate(ids):
-            input_ids[row, :len(tokens)] = torch.tensor(tokens)
-            attention_mask[row, :len(tokens)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self.model.tokenize(texts, max_length)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(features["input_ids"], features["attention_mask"]).pooler_output
@@ -152,7 +109,7 @@ class M2Encoder(TextEncoder):
 
     def save(self, directory) -> None:
         """An M2-BERT checkpoint that is also a sentence-transformers model (see `model.st_module`)."""
-        from .st_module import save_sentence_transformer
+        from .st_module import save_sentence_transformer  # imports sentence-transformers (seconds): on use
 
         save_sentence_transformer(self.model, directory)
 
@@ -162,7 +119,7 @@ class SentenceTransformerEncoder(TextEncoder):
 
     def __init__(self, model_or_path, name: str | None = None, max_length: int | None = None):
         super().__init__()
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # seconds to import: only when used
 
         self.model = (model_or_path if isinstance(model_or_path, SentenceTransformer)
                       else SentenceTransformer(str(model_or_path), device="cpu", local_files_only=True))

@@ -3,11 +3,13 @@ the input, the PyTorch reference in `model.ops` otherwise. Two entry points: `mo
 sequence mixer between its projections) and `block_diagonal_glu` (the GLU MLP's two block-diagonal
 layers and GELU gate).
 
-`M2_KERNELS` selects the path: `auto` (default) uses the kernels for CUDA tensors of a supported shape and
-dtype once the extension is built or loads, `cuda` requires them (an error says why when they cannot run),
-`torch` always uses the reference. Importing this module, or running the model on CPU tensors, never
-compiles anything: the extension is built (or loaded from its cache) on the first call that would use it.
-See docs/kernels.md for the algorithms and the ahead-of-time build.
+The model chooses the path from its config, as Hugging Face models choose their attention implementation:
+`M2BertConfig.kernel_implementation` is `auto` (default: the kernels for CUDA tensors of a supported shape
+and dtype once the extension is built or loads), `cuda` (the kernels, or an error that says why they cannot
+run) or `torch` (always the reference). The environment variable `M2_KERNELS` overrides it for every model
+of the process; it is read once, on first use. Importing this module, or running the model on CPU tensors,
+never compiles anything: the extension is built (or loaded from its cache) on the first call that would use
+it. See docs/kernels.md for the algorithms and the ahead-of-time build.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from .configuration_m2_bert import KERNEL_IMPLEMENTATIONS
 from .ops import block_diagonal_linear
 from .ops import monarch_mixer_core as torch_monarch_mixer_core
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "torch", "cuda")
+MODES = KERNEL_IMPLEMENTATIONS
 MODE_VARIABLE = "M2_KERNELS"
 EXTENSION_NAME = "m2_mixer_kernels"
 EMULATED_EXTENSION_NAME = "m2_mixer_kernels_emulated"
@@ -40,11 +43,23 @@ class KernelsUnavailable(RuntimeError):
     """The fused kernels cannot run here (no CUDA, no compiler, a failed build, or an unsupported input)."""
 
 
-def kernel_mode() -> str:
-    """The path `M2_KERNELS` asks for: `auto`, `torch` or `cuda`."""
-    mode = os.environ.get(MODE_VARIABLE, "auto").strip().lower() or "auto"
+@functools.cache
+def environment_override() -> str | None:
+    """The path `M2_KERNELS` asks for (`auto`, `torch` or `cuda`), or None when it is unset; read once per
+    process (`environment_override.cache_clear()` makes the next call read it again)."""
+    mode = os.environ.get(MODE_VARIABLE, "").strip().lower()
+    if not mode:
+        return None
     if mode not in MODES:
         raise ValueError(f"{MODE_VARIABLE}={mode!r}; expected one of {MODES}")
+    return mode
+
+
+def resolve_mode(configured: str) -> str:
+    """The path a model with `kernel_implementation=configured` takes: `M2_KERNELS` when set, else its own."""
+    mode = environment_override() or configured
+    if mode not in MODES:
+        raise ValueError(f"kernel implementation {mode!r}; expected one of {MODES}")
     return mode
 
 
@@ -318,11 +333,9 @@ def _log_fallback_once(reason: str) -> None:
     logger.info("Monarch Mixer kernels not used (%s); using the PyTorch path", reason)
 
 
-def _use_kernels(reason: str | None) -> bool:
-    """Whether to take the kernel path given why the input does not suit it (None: it does), per M2_KERNELS."""
-    mode = kernel_mode()
-    if mode == "torch":
-        return False
+def _use_kernels(mode: str, reason: str | None) -> bool:
+    """Whether to take the kernel path in `mode` (`auto` or `cuda`) given why the input does not suit it
+    (None: it does)."""
     if reason is None:
         try:
             cuda_extension()
@@ -331,7 +344,8 @@ def _use_kernels(reason: str | None) -> bool:
     if reason is None:
         return True
     if mode == "cuda":
-        raise KernelsUnavailable(f"{MODE_VARIABLE}=cuda but the kernels cannot run: {reason}")
+        raise KernelsUnavailable(f"kernel_implementation (or {MODE_VARIABLE}) is cuda but the kernels cannot run: "
+                                 f"{reason}")
     _log_fallback_once(reason)
     return False
 
@@ -347,25 +361,30 @@ def monarch_mixer_core(
     residual_conv_d: torch.Tensor | None,
     fft_size: int,
     keep: torch.Tensor | None = None,
+    *,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """The sequence mixer between its projections (see `model.ops.monarch_mixer_core` for the contract),
-    through the fused kernels or the PyTorch reference as `M2_KERNELS` and the input allow."""
+    through the fused kernels or the PyTorch reference as `implementation` (a `kernel_implementation`, which
+    `M2_KERNELS` overrides) and the input allow."""
     args = (projected, layer_input, short_conv_weight, short_conv_bias, long_conv_spectrum, long_conv_d,
             residual_conv_spectrum, residual_conv_d, fft_size, keep)
-    if kernel_mode() != "torch" and _use_kernels(
-            _unsupported_reason(projected, layer_input, long_conv_spectrum, residual_conv_spectrum, keep)):
+    mode = resolve_mode(implementation)
+    if mode != "torch" and _use_kernels(
+            mode, _unsupported_reason(projected, layer_input, long_conv_spectrum, residual_conv_spectrum, keep)):
         return fused_monarch_mixer_core(*args)
     return torch_monarch_mixer_core(*args)
 
 
 def block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_weight: torch.Tensor,
-                       out_bias: torch.Tensor | None) -> torch.Tensor:
+                       out_bias: torch.Tensor | None, *, implementation: str = "auto") -> torch.Tensor:
     """The GLU MLP before its dropout and LayerNorm: out(GELU(gate) * value), [gate, value] = gate_value(a).
 
     a: (..., H); gate_value_weight: (n, 2I/n, H/n) and out_weight: (n, H/n, I/n), block-diagonal as in
     `model.ops.block_diagonal_linear`; out_bias: (H,) or None. Through the GEMM-layout path with the fused
-    GELU gate or the PyTorch reference, as `M2_KERNELS` and the input allow.
+    GELU gate or the PyTorch reference, as `implementation` (which `M2_KERNELS` overrides) and the input allow.
     """
-    if kernel_mode() != "torch" and _use_kernels(_glu_unsupported_reason(a, gate_value_weight, out_weight, out_bias)):
+    mode = resolve_mode(implementation)
+    if mode != "torch" and _use_kernels(mode, _glu_unsupported_reason(a, gate_value_weight, out_weight, out_bias)):
         return fused_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
     return torch_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_m2_bert import M2BertConfig
+from .configuration_m2_bert import AUTHORS_NON_ARCHITECTURE_KEYS, RUNTIME_KEYS, M2BertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ def load_config(directory, **overrides) -> M2BertConfig:
     directory = Path(directory)
     values = _read_config(directory)
     values.pop("model_type", None)  # "bert" in some released files
+    for key in AUTHORS_NON_ARCHITECTURE_KEYS:  # their recipe and implementation switches, not the model
+        values.pop(key, None)
     values.setdefault("padding_mode", "reference")
     values.update(overrides)
     try:
@@ -260,5 +262,5 @@ def save_pretrained(model, directory) -> None:
     tied = set(getattr(model, "tied_weight_keys", ()))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
     save_file(state, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
-    config = model.config.to_dict()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in RUNTIME_KEYS}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

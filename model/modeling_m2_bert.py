@@ -20,15 +20,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
 
-from .configuration_m2_bert import M2BertConfig
 from . import kernels  # fused CUDA paths when built and usable, else the PyTorch reference
+from . import loading
+from .batching import encode_in_batches, padded_length
+from .configuration_m2_bert import M2BertConfig
 from .ops import block_diagonal_linear, fast_fft_size, fft_long_conv
+from .tokenizer import load_tokenizer
 
 
 def hyena_positional_features(length: int, emb_dim: int) -> torch.Tensor:
@@ -50,12 +54,14 @@ def hyena_decay_rates(d_model: int, fast_decay_pct: float = 0.3, slow_decay_pct:
 
 
 @dataclass(frozen=True)
-class ConvPlan:
-    """How one forward pass convolves: the sequence length, the FFT size and the padding mask."""
+class ForwardPlan:
+    """What every layer of one forward pass shares: the sequence length, the FFT size, the padding mask and
+    the kernel implementation."""
 
     length: int
     fft_size: int
     keep: torch.Tensor | None  # (B, 1, L) 0/1 in `masked` mode, else None
+    kernel_implementation: str = "auto"
 
 
 class ImplicitFilterMLP(nn.Module):
@@ -136,7 +142,7 @@ class HyenaFilter(nn.Module):
             self._spectrum_cache[key] = torch.fft.rfft(self.circular_kernel(length, fft_size).float(), n=fft_size)
         return self._spectrum_cache[key]
 
-    def forward(self, u: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         """u: (B, H, L) -> (B, H, L)."""
         return fft_long_conv(u, self.spectrum(plan.length, plan.fft_size), self.d_skip, plan.fft_size)
 
@@ -157,7 +163,7 @@ class MonarchMixerSequenceMixer(nn.Module):
         self.residual_long_conv = HyenaFilter(**filter_args) if config.residual_long_conv else None
         self.out_proj = nn.Linear(h, h)
 
-    def forward(self, u: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         """u: (B, L, H) -> (B, L, H)."""
         projected = self.in_proj(u).transpose(1, 2)  # (B, 3H, L)
         residual = self.residual_long_conv
@@ -172,6 +178,7 @@ class MonarchMixerSequenceMixer(nn.Module):
             None if residual is None else residual.d_skip,
             plan.fft_size,
             plan.keep,
+            implementation=plan.kernel_implementation,
         )  # (B, H, L)
         return self.out_proj(y.transpose(1, 2))
 
@@ -201,10 +208,11 @@ class MonarchGLUMLP(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         """a: (B, L, H) -> (B, L, H)."""
         # out(GELU(gate) * value) with [gate, value] = gate_value_proj(a), each (B, L, I)
-        h = kernels.block_diagonal_glu(a, self.gate_value_proj.weight, self.out_proj.weight, self.out_proj.bias)
+        h = kernels.block_diagonal_glu(a, self.gate_value_proj.weight, self.out_proj.weight, self.out_proj.bias,
+                                       implementation=plan.kernel_implementation)
         return self.layer_norm(self.dropout(h) + a)
 
 
@@ -214,8 +222,8 @@ class M2BertLayer(nn.Module):
         self.sequence_mixer = MonarchMixerSequenceMixer(config)
         self.state_mixer = MonarchGLUMLP(config)
 
-    def forward(self, h: torch.Tensor, plan: ConvPlan) -> torch.Tensor:
-        return self.state_mixer(self.sequence_mixer(h, plan))
+    def forward(self, h: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
+        return self.state_mixer(self.sequence_mixer(h, plan), plan)
 
 
 class M2BertEmbeddings(nn.Module):
@@ -289,15 +297,11 @@ class M2BertPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, **config_overrides):
         """Load our `save_pretrained` output or an authors' checkpoint directory (see `model.loading`)."""
-        from .loading import load_pretrained
-
-        return load_pretrained(cls, directory, **config_overrides)
+        return loading.load_pretrained(cls, directory, **config_overrides)
 
     def save_pretrained(self, directory) -> None:
         """Write `config.json` and `model.safetensors` (tied weights stored once)."""
-        from .loading import save_pretrained
-
-        save_pretrained(self, directory)
+        loading.save_pretrained(self, directory)
 
 
 class M2BertPooler(nn.Module):
@@ -323,7 +327,7 @@ class M2BertModel(M2BertPreTrainedModel):
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
 
-    def conv_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ConvPlan:
+    def forward_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ForwardPlan:
         length = input_ids.shape[1]
         max_length = self.config.max_position_embeddings
         if length > max_length:
@@ -334,7 +338,8 @@ class M2BertModel(M2BertPreTrainedModel):
             keep = attention_mask[:, None, :].to(self.embeddings.word_embeddings.weight.dtype)  # (B, 1, L)
         # `reference` mode must reproduce the authors' FFT of exactly 2L; `masked` may use any size >= 2L.
         fft_size = 2 * length if self.config.padding_mode == "reference" else fast_fft_size(2 * length)
-        return ConvPlan(length=length, fft_size=fft_size, keep=keep)
+        return ForwardPlan(length=length, fft_size=fft_size, keep=keep,
+                           kernel_implementation=self.config.kernel_implementation)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
@@ -343,7 +348,7 @@ class M2BertModel(M2BertPreTrainedModel):
         In `reference` mode the attention mask is ignored, exactly as in the authors' encoder (pad to the
         full length to reproduce their embeddings); in `masked` mode it removes padding's influence.
         """
-        plan = self.conv_plan(input_ids, attention_mask)
+        plan = self.forward_plan(input_ids, attention_mask)
         h = self.embeddings(input_ids, token_type_ids)  # (B, L, H)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -353,17 +358,41 @@ class M2BertModel(M2BertPreTrainedModel):
         pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
 
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` (B, W) for texts, truncated to `max_length` tokens (default and
+        at most the model's length) and padded as `padding_mode` needs: to the full length in `reference`
+        mode (the released models need it), to the batch's longest text in `masked` mode."""
+        model_length = self.config.max_position_embeddings
+        max_length = model_length if max_length is None else min(max_length, model_length)
+        tokenizer = load_tokenizer()
+        if self.config.padding_mode == "reference":
+            # The authors' LoCo protocol: tokenize in full, then keep the first max_length tokens (an
+            # over-long text loses its final [SEP]), which their released scores were computed with.
+            ids = [x[:max_length] for x in tokenizer(list(texts), verbose=False,
+                                                     return_attention_mask=False)["input_ids"]]
+            width = model_length
+        else:
+            ids = tokenizer(list(texts), truncation=True, max_length=max_length,
+                            return_attention_mask=False)["input_ids"]
+            width = padded_length(max(len(x) for x in ids), model_length)
+        input_ids = torch.zeros((len(ids), width), dtype=torch.long)  # (B, W), [PAD] = 0
+        attention_mask = torch.zeros_like(input_ids)  # (B, W)
+        for row, tokens in enumerate(ids):
+            input_ids[row, :len(tokens)] = torch.tensor(tokens)
+            attention_mask[row, :len(tokens)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def embed(self, texts: list[str], max_length: int | None = None) -> torch.Tensor:
+        """(B, H) pooler outputs of texts, differentiable: tokenize + forward on the model's device."""
+        features = {k: v.to(self.device) for k, v in self.tokenize(texts, max_length).items()}
+        return self(**features).pooler_output
+
     def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
-               show_progress_bar: bool = False):
-        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order.
-
-        `reference` mode pads every batch to the model's full length (as the released models need);
-        `masked` mode batches texts of similar length and pads only to the batch's longest.
-        """
-        from .encoders import M2Encoder
-
-        return M2Encoder(self).encode(texts, batch_size=batch_size, max_length=max_length,
-                                      show_progress_bar=show_progress_bar)
+               show_progress_bar: bool = False) -> np.ndarray:
+        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order (see
+        `model.batching.encode_in_batches`)."""
+        return encode_in_batches(self, lambda batch: self.embed(batch, max_length), texts, batch_size,
+                                 show_progress_bar, description="encode m2-bert")
 
 
 class M2BertMLMHead(nn.Module):

@@ -7,8 +7,8 @@ A directory written by `save_sentence_transformer` (which `model.encoders.M2Enco
     `model.encoders.M2_SENTENCE_MODULE`), saved in the root with its settings in `m2_sentence_config.json`;
     `config_sentence_transformers.json` sets cosine similarity.
 
-The embedding is the pooler output, with the same tokenization and padding as `M2Encoder`, so
-`SentenceTransformer(path).encode(texts)` equals `load_encoder(path).encode(texts)`.
+The embedding is the pooler output, with the same tokenization and padding (`M2BertModel.tokenize`) as
+`model.encoders.M2Encoder`, so `SentenceTransformer(path).encode(texts)` equals `load_encoder(path).encode(texts)`.
 sentence-transformers imports the class by its dotted path, so the `m2-loco` package must be installed.
 """
 
@@ -24,8 +24,8 @@ try:
 except ImportError:  # sentence-transformers < 5.4 keeps its module classes in `sentence_transformers.models`
     from sentence_transformers.models import InputModule
 
-from .encoders import M2Encoder
 from .modeling_m2_bert import M2BertModel
+from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "m2_sentence_config.json"
 
@@ -46,32 +46,32 @@ class M2SentenceEncoder(InputModule):
 
     def __init__(self, model: M2BertModel, max_seq_length: int | None = None):
         super().__init__()
-        self.encoder = M2Encoder(model)
+        self.model = model
         self.max_seq_length = max_seq_length or model.config.max_position_embeddings
 
     @property
     def tokenizer(self):
-        return self.encoder.tokenizer
+        return load_tokenizer()
 
     def preprocess(self, inputs: list[str], prompt: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
         if not all(isinstance(text, str) for text in inputs):
             raise TypeError("M2SentenceEncoder embeds text only")
         texts = [prompt + text for text in inputs] if prompt else list(inputs)
-        return self.encoder.tokenize(texts, self.max_seq_length)
+        return self.model.tokenize(texts, self.max_seq_length)
 
     def tokenize(self, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
         """sentence-transformers < 5.4 calls `tokenize` where newer releases call `preprocess`."""
         return self.preprocess(texts, **kwargs)
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        features["sentence_embedding"] = self.encoder(features)
+        features["sentence_embedding"] = self.model(features["input_ids"], features["attention_mask"]).pooler_output
         return features
 
     def get_embedding_dimension(self) -> int:
-        return self.encoder.model.config.hidden_size
+        return self.model.config.hidden_size
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.encoder.model.save_pretrained(output_path)
+        self.model.save_pretrained(output_path)
         self.save_config(output_path)
 
     @classmethod

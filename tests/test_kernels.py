@@ -130,27 +130,57 @@ def assert_matches(core, case: list, tolerance: float, reference_case: list | No
 
 # --- path selection --------------------------------------------------------------------------------------
 
-def test_auto_mode_uses_the_reference_for_cpu_tensors_without_loading_the_extension(monkeypatch):
-    monkeypatch.setenv(kernels.MODE_VARIABLE, "auto")
+@pytest.fixture
+def fresh_override(monkeypatch):
+    """`M2_KERNELS` unset and read afresh by the next call (it is read once per process)."""
+    monkeypatch.delenv(kernels.MODE_VARIABLE, raising=False)
+    kernels.environment_override.cache_clear()
+    yield monkeypatch
+    kernels.environment_override.cache_clear()
+
+
+def test_auto_mode_uses_the_reference_for_cpu_tensors_without_loading_the_extension(fresh_override):
     case = mixer_case(2, 8, 50, torch.float32, "masked")
-    assert torch.equal(kernels.monarch_mixer_core(*case), monarch_mixer_core(*case))
+    assert torch.equal(kernels.monarch_mixer_core(*case, implementation="auto"), monarch_mixer_core(*case))
     assert kernels._cuda_extension == []  # never even tried to load or build
 
 
-def test_torch_mode_is_the_reference(monkeypatch):
-    monkeypatch.setenv(kernels.MODE_VARIABLE, "torch")
+def test_torch_mode_is_the_reference(fresh_override):
     case = mixer_case(1, 8, 40, torch.float32, "reference")
-    assert torch.equal(kernels.monarch_mixer_core(*case), monarch_mixer_core(*case))
+    assert torch.equal(kernels.monarch_mixer_core(*case, implementation="torch"), monarch_mixer_core(*case))
 
 
-def test_cuda_mode_says_why_the_kernels_cannot_run(monkeypatch):
-    monkeypatch.setenv(kernels.MODE_VARIABLE, "cuda")
-    with pytest.raises(kernels.KernelsUnavailable, match="M2_KERNELS=cuda .*not all on a CUDA device"):
-        kernels.monarch_mixer_core(*mixer_case(1, 8, 40, torch.float32, "reference"))
+def test_cuda_mode_says_why_the_kernels_cannot_run(fresh_override):
+    with pytest.raises(kernels.KernelsUnavailable, match="is cuda but the kernels cannot run: .*not all on a CUDA device"):
+        kernels.monarch_mixer_core(*mixer_case(1, 8, 40, torch.float32, "reference"), implementation="cuda")
 
 
-def test_unknown_mode_is_rejected(monkeypatch):
-    monkeypatch.setenv(kernels.MODE_VARIABLE, "fast")
+def test_the_model_config_chooses_the_path_and_exports_do_not_store_it(fresh_override, tmp_path):
+    config = M2BertConfig.from_preset("m2-bert-tiny", kernel_implementation="cuda")
+    model = M2BertModel(config).eval()
+    input_ids = torch.randint(1000, 2000, (1, 40))
+    with pytest.raises(kernels.KernelsUnavailable, match="is cuda"):
+        model(input_ids)
+    model.config.kernel_implementation = "torch"
+    model(input_ids)
+    model.save_pretrained(tmp_path / "export")
+    assert "kernel_implementation" not in (tmp_path / "export" / "config.json").read_text()
+    assert M2BertModel.from_pretrained(tmp_path / "export").config.kernel_implementation == "auto"
+    with pytest.raises(ValueError, match="kernel_implementation='fast'"):
+        M2BertConfig.from_preset("m2-bert-tiny", kernel_implementation="fast")
+
+
+def test_the_environment_overrides_every_model_and_is_read_once(fresh_override):
+    fresh_override.setenv(kernels.MODE_VARIABLE, "cuda")
+    model = M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", kernel_implementation="torch")).eval()
+    with pytest.raises(kernels.KernelsUnavailable, match="M2_KERNELS"):
+        model(torch.randint(1000, 2000, (1, 40)))
+    fresh_override.setenv(kernels.MODE_VARIABLE, "torch")  # not read again: the process keeps its first reading
+    assert kernels.resolve_mode("auto") == "cuda"
+
+
+def test_unknown_mode_is_rejected(fresh_override):
+    fresh_override.setenv(kernels.MODE_VARIABLE, "fast")
     with pytest.raises(ValueError, match="M2_KERNELS='fast'"):
         kernels.monarch_mixer_core(*mixer_case(1, 8, 40, torch.float32, "reference"))
 
@@ -284,7 +314,7 @@ def test_emulated_model_matches_the_pytorch_path(emulated, monkeypatch):
     with torch.no_grad():
         expected = model(input_ids, attention_mask).last_hidden_state
         monkeypatch.setattr(kernels, "monarch_mixer_core",
-                            lambda *a: kernels.fused_monarch_mixer_core(*a, extension=emulated))
+                            lambda *a, implementation: kernels.fused_monarch_mixer_core(*a, extension=emulated))
         actual = model(input_ids, attention_mask).last_hidden_state
     assert relative_error(actual, expected) < 1e-5
 

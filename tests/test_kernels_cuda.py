@@ -83,8 +83,7 @@ def test_long_convolution_matches_a_float64_fft(extension, length):
     assert relative_error(grad_spectrum, spectrum64.grad) < 1e-5
 
 
-def test_auto_mode_takes_the_kernels_for_cuda_tensors(extension, monkeypatch):
-    monkeypatch.setenv(kernels.MODE_VARIABLE, "auto")
+def test_auto_mode_takes_the_kernels_for_cuda_tensors(extension):
     case = mixer_case(2, HIDDEN, 2048, torch.bfloat16, "masked", device="cuda")
     with torch.no_grad():
         dispatched = kernels.monarch_mixer_core(*case)
@@ -93,7 +92,7 @@ def test_auto_mode_takes_the_kernels_for_cuda_tensors(extension, monkeypatch):
 
 
 @pytest.mark.parametrize("padding_mode", ["reference", "masked"])
-def test_whole_model_agrees_between_the_two_paths(extension, monkeypatch, padding_mode):
+def test_whole_model_agrees_between_the_two_paths(extension, padding_mode):
     config = M2BertConfig.from_preset("m2-bert-80M-2k", num_hidden_layers=2, hidden_dropout_prob=0.0,
                                       padding_mode=padding_mode)
     torch.manual_seed(0)
@@ -102,8 +101,8 @@ def test_whole_model_agrees_between_the_two_paths(extension, monkeypatch, paddin
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 1500:] = 0
 
-    def forward_backward(mode):
-        monkeypatch.setenv(kernels.MODE_VARIABLE, mode)
+    def forward_backward(implementation):
+        model.config.kernel_implementation = implementation  # read by every forward pass
         model.zero_grad()
         out = model(input_ids, attention_mask)
         (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()

@@ -240,6 +240,26 @@ def test_config_with_model_type_bert_and_no_m2_switches_loads(tmp_path):
     np.testing.assert_allclose(_embed(model), _reference_embedding()["sentence_embedding"], atol=1e-4, rtol=0)
 
 
+@needs_conformance
+def test_the_authors_recipe_keys_are_not_kept_as_model_settings(tmp_path):
+    """hyena_wd, hyena_lr_pos_emb, long_conv_kernel_learning_rate and use_flash_fft are the authors' training
+    recipe and implementation switch: nothing in the model reads them, so loading drops them."""
+    config = json.loads((CONFORMANCE / "retrieval" / "config.json").read_text())
+    config["use_flash_fft"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(CONFORMANCE / "retrieval" / "pytorch_model.bin", tmp_path)
+    model = M2BertModel.from_pretrained(tmp_path)
+    for key in ("hyena_wd", "hyena_lr_pos_emb", "long_conv_kernel_learning_rate", "use_flash_fft"):
+        assert not hasattr(model.config, key), key
+    model.save_pretrained(tmp_path / "ours")
+    assert "hyena_wd" not in (tmp_path / "ours" / "config.json").read_text()
+
+
+def test_an_activation_other_than_gelu_is_rejected():
+    with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):
+        M2BertConfig.from_preset("m2-bert-tiny", hidden_act="relu")
+
+
 # --- bad inputs: each error names the problem ----------------------------------------------------
 
 def test_missing_directory(tmp_path):
