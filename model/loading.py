@@ -6,11 +6,14 @@ Reads our own `save_pretrained` output and every layout the authors released:
   * FlashFFTConv constant buffers (`.flashfft.`) and the unused `classifier.*` head, which are skipped;
   * the one shared Sin `freq` of each Hyena filter stored under six names (checked equal, loaded once),
     and the tied decoder weight stored or not.
-Anything else missing, unexpected or mis-shaped is an error naming the keys.
+Anything else missing, unexpected or mis-shaped is an error naming the keys, and so are tensors that are not
+floating point or hold NaN or infinity. The config is checked before anything is read or built, and the
+model's size against the memory available before it is allocated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -201,14 +204,70 @@ def normalise_state_dict(state: dict[str, torch.Tensor], source: Path) -> dict[s
     return out
 
 
+def available_memory_bytes() -> int | None:
+    """Memory this machine can still give a process (`MemAvailable`), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(cls, config: M2BertConfig, source: Path) -> None:
+    """Refuse a config whose model would not fit in memory, before allocating it: the model is built on the
+    `meta` device (shapes only, no storage) to count its bytes."""
+    with torch.device("meta"):
+        shapes = cls(config)
+    needed = sum(t.numel() * t.element_size() for t in list(shapes.parameters()) + list(shapes.buffers()))
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise ValueError(f"{source}: the model this config describes needs {needed / 2**30:.1f} GiB for its "
+                         f"weights, more than the {available / 2**30:.1f} GiB available (hidden_size="
+                         f"{config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, intermediate_size="
+                         f"{config.intermediate_size}, max_position_embeddings={config.max_position_embeddings}, "
+                         f"vocab_size={config.vocab_size})")
+
+
+def check_tensor_values(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Every tensor floating point (an integer or boolean one would be silently cast) and finite."""
+    not_float = [f"{name} ({tensor.dtype})" for name, tensor in state.items() if not tensor.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{source}: tensor(s) of a non-floating dtype: {not_float[:20]}")
+    not_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if not_finite:
+        raise ValueError(f"{source}: tensor(s) holding NaN or infinity: {not_finite[:20]}"
+                         + (f" and {len(not_finite) - 20} more" if len(not_finite) > 20 else ""))
+
+
+def content_seed(state: dict[str, torch.Tensor]) -> int:
+    """A 64-bit seed from the names and bytes of `state`: the same checkpoint always gives the same seed."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def initialise_pooler(model, seed: int) -> None:
+    """The pooler's initial weights (BERT's: normal with `initializer_range`, zero bias) from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.pooler.dense.weight, std=model.config.initializer_range, generator=generator)
+        model.pooler.dense.bias.zero_()
+
+
 def load_pretrained(cls, directory, **config_overrides):
     """Build `cls` (M2BertModel or M2BertForMaskedLM) from a directory; see the module docstring."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     config = load_config(directory, **config_overrides)
+    check_fits_in_memory(cls, config, directory / CONFIG_NAME)
     state, path = read_state_dict(directory)
     state = normalise_state_dict(state, path)
+    check_tensor_values(state, path)
     model = cls(config)
 
     prefix = "m2_bert." if hasattr(model, "m2_bert") else ""
@@ -230,9 +289,11 @@ def load_pretrained(cls, directory, **config_overrides):
         if embedding is not None and not torch.equal(loaded["mlm_head.decoder.weight"], embedding):
             raise ValueError(f"{path}: decoder weight is not tied to the word embeddings")
     missing = [k for k in expected if k not in loaded and k not in tied]
-    if not prefix and has_mlm_head and missing and all(k.startswith("pooler.") for k in missing):
+    fresh_pooler = not prefix and has_mlm_head and missing and all(k.startswith("pooler.") for k in missing)
+    if fresh_pooler:
         logger.warning("%s is a masked-LM checkpoint without a pooler: the pooler is freshly initialised "
-                       "(as when the authors fine-tune a pretrained model)", directory)
+                       "(as when the authors fine-tune a pretrained model), from a seed derived from the "
+                       "checkpoint, so every load of it embeds the same", directory)
         missing = []
     mis_shaped = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                   for k, v in loaded.items() if v.shape != expected[k].shape]
@@ -247,6 +308,8 @@ def load_pretrained(cls, directory, **config_overrides):
         raise ValueError(f"{path}: cannot load into {cls.__name__} ({config.max_position_embeddings} positions, "
                          f"hidden {config.hidden_size}): " + "; ".join(problems))
     model.load_state_dict(loaded, strict=False)
+    if fresh_pooler:
+        initialise_pooler(model, content_seed(loaded))
     model.eval()
     logger.info("loaded %s from %s (%d tensors, padding_mode=%s)", cls.__name__, path, len(loaded),
                 config.padding_mode)
