@@ -29,10 +29,10 @@ from .benchmark import embed_shard, score_models
 from .cache import DEFAULT_WRITER, EmbeddingCache
 from .data import HUB, LocoDataError, load_tasks
 from .dense import SEARCHES
-from .metrics import HEADLINE_METRIC
+from .metrics import HEADLINE_METRIC, METRICS
 from .models import ModelSpec
 from .needle import needle_heatmap
-from .report import markdown_table, score_table, write_outputs
+from .report import MAIN, markdown_table, metric_title, score_table, write_outputs
 from .sharding import Shard
 
 DEFAULTS = {"data": None, "tasks": None, "split": "test", "top_k": 100, "batch_size": 16, "max_queries": None,
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
     run.add_argument("--shard", help="I/N: embed only shard I of N into the cache and stop (see docs/eval.md)")
     run.add_argument("--output-dir", type=Path, help="where results go (default: outputs/loco/<date-time>)")
+    run.add_argument("--metrics", nargs="+", default=[MAIN], choices=(MAIN, *METRICS), metavar="METRIC",
+                     help=f"tables to print: '{MAIN}' (each task's main metric: nDCG@10; nDCG@1 for LongEmbed's "
+                     f"needle and passkey lengths) and/or any of {', '.join(METRICS)} (default: %(default)s); "
+                     "the files hold them all")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -168,8 +172,9 @@ def _run(args, argv: list[str], settings: dict, specs: list[ModelSpec], tasks, s
         paths["needle"] = output_dir / "needle.png"
 
     subset = " (subset: not comparable with full runs)" if settings["max_queries"] or settings["max_documents"] else ""
-    print(f"\nLoCo {HEADLINE_METRIC} x100, split {settings['split']}{subset}\n")
-    print(markdown_table(score_table(results)))
+    for metric in dict.fromkeys(args.metrics):
+        print(f"\n{metric_title(results, metric)} x100, split {settings['split']}{subset}\n")
+        print(markdown_table(score_table(results, metric)))
     embedded = sum(r.embedded or 0 for r in results)
     cached = sum(r.cached or 0 for r in results)
     print(f"\n{len(specs)} model(s) x {len(tasks)} task(s) in {wall_seconds:.1f} s; "

@@ -83,21 +83,46 @@ def test_document_vectors_reject_documents_without_vectors():
         DocumentVectors(["a", "b"], np.zeros((1, 2)), np.array([0, 1, 1]))
 
 
-def test_chunks_cover_the_text_in_order_within_the_length():
+def test_chunks_are_token_spans_within_the_length():
     from model import load_tokenizer
 
     tokenizer = load_tokenizer()
     text = "Meeting notes. " * 200 + "Final words, spoken at the end!"
     protocol = Protocol("chunk-mean", max_length=64, document_prefix="passage: ")
     chunks = protocol.document_inputs(text, tokenizer)
-    assert all(chunk.startswith("passage: ") for chunk in chunks)
-    assert all(len(tokenizer(chunk)["input_ids"]) <= 64 for chunk in chunks)
+    prefix = tuple(tokenizer("passage: ", add_special_tokens=False)["input_ids"])
+    assert all(chunk[:len(prefix)] == prefix and len(chunk) <= 64 - 2 for chunk in chunks)
     pieces = split_into_chunks(text, tokenizer, 20)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False)["input_ids"]] == ids
+    assert [i for piece in pieces for i in piece] == ids and all(len(piece) == 20 for piece in pieces[:-1])
     assert len(pieces) == math.ceil(len(ids) / 20)
-    assert split_into_chunks("", tokenizer, 20) == [""]
+    assert split_into_chunks("", tokenizer, 20) == [()]
     assert Protocol("truncate", 64).document_inputs(text, tokenizer) == [text]
+    # A span cut inside a word is kept as ids: as text it would tokenize to more tokens than it holds.
+    word_cut = split_into_chunks("unbelievably " * 50, tokenizer, 3)
+    assert any(len(tokenizer(tokenizer.decode(piece), add_special_tokens=False)["input_ids"]) > 3
+               for piece in word_cut)
+
+
+def test_token_chunks_embed_as_the_text_they_hold():
+    import torch
+
+    from eval.token_inputs import encode_token_ids
+    from model import M2BertConfig, M2BertModel
+    from model.encoders import M2Encoder, load_encoder
+
+    torch.manual_seed(0)
+    texts = ["a short meeting note", "a longer note about the budget of the design team and its remote control"]
+    for padding_mode in ("masked", "reference"):
+        encoder = M2Encoder(M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", max_position_embeddings=128,
+                                                                 padding_mode=padding_mode)))
+        ids = [tuple(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        np.testing.assert_allclose(encode_token_ids(encoder, ids, batch_size=2), encoder.encode(texts), atol=1e-5)
+    with pytest.raises(ValueError, match="longer than the 128 tokens"):
+        encode_token_ids(encoder, [tuple(range(1000, 1200))])
+    minilm = load_encoder("all-MiniLM-L6-v2")
+    ids = [tuple(minilm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    np.testing.assert_allclose(encode_token_ids(minilm, ids, batch_size=2), minilm.encode(texts), atol=1e-5)
 
 
 def test_cache_round_trip_and_shard_files_merge(tmp_path):
