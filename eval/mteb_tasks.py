@@ -1,13 +1,14 @@
-"""LoCoV1 as mteb retrieval tasks, reading the data `eval.loco` reads.
+"""LoCoV1 as mteb retrieval tasks, reading the data `eval.loco` reads; mteb's LongEmbed tasks on local copies.
 
     import mteb
     from eval.mteb_models import loco_model
-    from eval.mteb_tasks import loco_tasks
+    from eval.mteb_tasks import loco_tasks, longembed_tasks
 
     tasks = loco_tasks()                        # the bundled QMSum task (offline)
     tasks = loco_tasks("hf")                    # LoCoV1's 12 tasks from the Hugging Face Hub
     tasks = loco_tasks("loco-v1", ["qmsum"])    # a local copy in LoCo's schema (docs/eval.md)
     mteb.evaluate(loco_model("all-MiniLM-L6-v2"), tasks, encode_kwargs={"batch_size": 32})
+    tasks = longembed_tasks("longembed")        # mteb's LEMB*Retrieval tasks on a local LongEmbed copy
 
 Each of LoCoV1's tasks is an `AbsTaskRetrieval` named `LoCoV1<Task>Retrieval` (e.g.
 `LoCoV1QMSumRetrieval`, main score nDCG@10, split `test`), and the bundled QMSum task is
@@ -24,7 +25,8 @@ from datasets import Dataset
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from .data import HUB, HUB_QUERIES, load_tasks
+from .data import HUB, HUB_QUERIES, LocoTask, load_tasks
+from .longembed import load_longembed, parse_length_task
 
 PAPER = "https://arxiv.org/abs/2402.07440"
 CITATION = r"""
@@ -73,14 +75,15 @@ class LocoRetrievalTask(AbsTaskRetrieval):
         self.dataset = {"default": {}}
         for split in self.eval_splits:
             (task,) = load_tasks(self.data, [self.loco_name], split)
-            task = task.subset(self.max_queries, self.max_documents)
-            self.dataset["default"][split] = {
-                "corpus": Dataset.from_list([{"id": pid, "text": text} for pid, text in task.documents.items()]),
-                "queries": Dataset.from_list([{"id": qid, "text": text} for qid, text in task.queries.items()]),
-                "relevant_docs": task.qrels,
-                "top_ranked": None,
-            }
+            self.dataset["default"][split] = split_data(task.subset(self.max_queries, self.max_documents))
         self.data_loaded = True
+
+
+def split_data(task: LocoTask) -> dict:
+    """A task's corpus, queries and qrels as mteb holds a retrieval split (its `RetrievalSplitData`)."""
+    return {"corpus": Dataset.from_list([{"id": pid, "text": text} for pid, text in task.documents.items()]),
+            "queries": Dataset.from_list([{"id": qid, "text": text} for qid, text in task.queries.items()]),
+            "relevant_docs": task.qrels, "top_ranked": None}
 
 
 def _metadata(name: str, description: str, domains: list[str], splits: list[str], dataset: dict) -> TaskMetadata:
@@ -126,3 +129,33 @@ def loco_tasks(data: str | None = None, tasks: list[str] | None = None, **option
     if unknown:
         raise ValueError(f"not LoCoV1 task(s): {unknown}; known: {list(LOCOV1_MTEB_TASKS)}")
     return [LOCOV1_MTEB_TASKS[key](data=data, **options) for key in tasks or LOCOV1_MTEB_TASKS]
+
+
+# LongEmbed task folder -> mteb's task for it.
+LONGEMBED_MTEB_TASKS = {"passkey": "LEMBPasskeyRetrieval", "needle": "LEMBNeedleRetrieval",
+                        "narrativeqa": "LEMBNarrativeQARetrieval", "qmsum": "LEMBQMSumRetrieval",
+                        "summ_screen_fd": "LEMBSummScreenFDRetrieval", "2wikimqa": "LEMBWikimQARetrieval"}
+
+
+def longembed_tasks(folder, tasks: list[str] | None = None) -> list[AbsTaskRetrieval]:
+    """mteb's own LongEmbed tasks (`LEMB*Retrieval`, their metrics and main scores) with the data of a
+    local copy in LongEmbed's layout (`eval.longembed`), e.g. a download of `dwzhu/LongEmbed` or what
+    `python -m eval.needle --format longembed` writes. Needle and passkey get one split per length
+    present (`test_256`, ...), as mteb names them."""
+    import mteb
+
+    by_folder: dict[str, list[LocoTask]] = {}
+    for task in load_longembed(folder, tasks):
+        by_folder.setdefault(task.group or task.name, []).append(task)
+    unknown = [name for name in by_folder if name not in LONGEMBED_MTEB_TASKS]
+    if unknown:
+        raise ValueError(f"{folder}: task folder(s) {unknown} are not LongEmbed's ({list(LONGEMBED_MTEB_TASKS)})")
+    found = []
+    for name, parts in by_folder.items():
+        task = mteb.get_task(LONGEMBED_MTEB_TASKS[name])
+        splits = {(f"test_{parse_length_task(part.name)[1]}" if part.group else "test"): part for part in parts}
+        task.dataset = {"default": {split: split_data(part) for split, part in splits.items()}}
+        task.filter_eval_splits(list(splits))
+        task.data_loaded = True
+        found.append(task)
+    return found

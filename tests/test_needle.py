@@ -29,9 +29,9 @@ def needle_folder(tmp_path_factory):
 def test_tasks_have_the_asked_lengths_and_depths(needle_folder):
     tokenizer = load_tokenizer()
     tasks = load_tasks(needle_folder)
-    assert [parse_task_name(t.name) for t in tasks] == [(n, d) for n in LENGTHS for d in DEPTHS]
+    assert [parse_task_name(t.name) for t in tasks] == [("needle", n, d) for n in LENGTHS for d in DEPTHS]
     for task in tasks:
-        length, depth = parse_task_name(task.name)
+        _, length, depth = parse_task_name(task.name)
         assert len(task.documents) == len(task.queries) == 12
         for qid, query in task.queries.items():
             (pid,) = task.qrels[qid]
@@ -44,7 +44,7 @@ def test_tasks_have_the_asked_lengths_and_depths(needle_folder):
             haystack = length - 2 - len(tokenizer(needle[0], add_special_tokens=False)["input_ids"])
             assert abs(before - depth * haystack) <= 4
     # Across tasks, document i keeps its needle and its stretch of haystack.
-    by_cell = {parse_task_name(t.name): t for t in tasks}
+    by_cell = {parse_task_name(t.name)[1:]: t for t in tasks}
     at_start = by_cell[512, 0.0].documents["needle-L512-D0-doc0003"]
     at_end = by_cell[512, 1.0].documents["needle-L512-D100-doc0003"]
     needle = re.search(r"The secret code of the \w+ \w+ is \d+\.", at_start)[0]
