@@ -19,7 +19,7 @@ import pandas as pd
 
 from .benchmark import TaskResult
 from .longembed import parse_length_task
-from .metrics import METRICS
+from .metrics import HEADLINE_METRIC, METRICS
 
 AVERAGE = "Average"
 MAIN = "main"  # each task's own main metric
@@ -43,7 +43,7 @@ def metric_title(results: list[TaskResult], metric: str = MAIN) -> str:
     """What a table of `metric` shows, e.g. "nDCG@10" or "main metric (nDCG@10; nDCG@1 for ...)"."""
     if metric != MAIN:
         return metric
-    used = list(dict.fromkeys(r.metric for r in results))
+    used = sorted(dict.fromkeys(r.metric for r in results), key=lambda m: m != HEADLINE_METRIC)
     if len(used) == 1:
         return used[0]
     by_metric = {m: list(dict.fromkeys(r.group or r.task for r in results if r.metric == m)) for m in used}

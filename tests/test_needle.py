@@ -92,3 +92,52 @@ def test_needles_file_and_its_errors(tmp_path):
         generate(["text"], [needle], [64], [1.5], load_tokenizer())
     with pytest.raises(ValueError, match="fewer than the longest document"):
         generate(["a short haystack"], [needle], [64], [0.5], load_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def minilm_by_length(tmp_path_factory):
+    """all-MiniLM-L6-v2 (truncated at 256 tokens) on needle and passkey tasks made here in LongEmbed's
+    layout at 256 ... 32768 tokens (10 documents per length, needles at 0, 25, ..., 100% depth)."""
+    base = tmp_path_factory.mktemp("lengths")
+    assert needle_main(["--output-dir", str(base / "data"), "--format", "longembed", "--kind", "needle", "passkey",
+                        "--documents", "10"]) == 0
+    assert main(["--data", str(base / "data"), "--model", "all-MiniLM-L6-v2", "--output-dir", str(base / "out"),
+                 "--cache-dir", str(base / "cache"), "--quiet"]) == 0
+    results = json.loads((base / "out" / "results.json").read_text())["results"]
+    return base, {(r["group"], int(r["task"].rsplit("-L", 1)[1])): r["metrics"][r["metric"]] for r in results}
+
+
+# How each kind's query names its needle: (the query's pattern, the needle's opening words).
+NEEDLE_OF_QUERY = ((re.compile(r"What is the secret code of the (.+)\?"), "The secret code of the {} is"),
+                   (re.compile(r"What is the pass key for (.+)\?"), "{}'s pass key is"))
+
+
+def window_share(task, tokenizer, window: int) -> float:
+    """Share of the task's documents whose needle opening lies within the first `window` tokens."""
+    inside = 0
+    for qid, relevant in task.qrels.items():
+        passage = task.documents[next(iter(relevant))]
+        opening = next(form.format(match[1]) for pattern, form in NEEDLE_OF_QUERY
+                       if (match := pattern.fullmatch(task.queries[qid])))
+        end = passage.index(opening) + len(opening)
+        inside += len(tokenizer(passage[:end], add_special_tokens=False)["input_ids"]) < window - 1
+    return inside / len(task.qrels)
+
+
+def test_minilm_scores_fall_once_the_needle_lies_past_its_window(minilm_by_length):
+    base, scores = minilm_by_length
+    lengths = sorted({length for _, length in scores})
+    assert lengths == [256 * 2 ** i for i in range(8)]
+    tokenizer = load_tokenizer()
+    tasks = {t.name: t for t in load_tasks(base / "data")}
+    for kind in ("needle", "passkey"):
+        curve = [scores[kind, length] for length in lengths]
+        assert curve[-1] < curve[0]  # falling with length
+        for length in lengths[3:]:  # 2048 tokens and more: most needles lie past the first 256 tokens
+            share = window_share(tasks[f"{kind}-L{length}"], tokenizer, 256)
+            assert share < 0.5
+            # Truncation cannot see a needle past its window: at most those inside, plus a lucky tie or two.
+            assert scores[kind, length] <= share + 0.2
+    assert window_share(tasks["passkey-L256"], tokenizer, 256) == 1
+    assert scores["passkey", 256] >= 0.7  # all inside the window, and the documents differ only in their needle
+    assert (base / "out" / "lengths.png").read_bytes()[:4] == b"\x89PNG"
