@@ -4,6 +4,9 @@ from .configuration_m2_bert import PRESETS, M2BertConfig
 from .loading import load_config
 from .modeling_m2_bert import HyenaFilter, M2BertForMaskedLM, M2BertModel, MonarchMixerSequenceMixer
 from .tokenizer import load_tokenizer
+from .auto import register_auto_classes
+
+register_auto_classes()
 
 
 def from_pretrained(directory, **config_overrides) -> M2BertModel:
