@@ -98,8 +98,13 @@ def _results_frame(results: list[TaskResult], averages: dict[str, dict[str, floa
 
 
 def plot_scores(table: pd.DataFrame, path: Path, title: str) -> None:
+    """Write `scores_figure` to `path`."""
+    scores_figure(table, title).savefig(path, dpi=120)
+
+
+def scores_figure(table: pd.DataFrame, title: str):
     """Grouped bar chart: one group per task (and the average), one bar per model, labelled x100
-    with one decimal. Long task and model names are wrapped; many tasks get slanted labels."""
+    with one decimal. Task names are slanted when many or long; long model names wrap in the legend."""
     from matplotlib.figure import Figure
 
     n_models, n_groups = table.shape
@@ -111,16 +116,16 @@ def plot_scores(table: pd.DataFrame, path: Path, title: str) -> None:
         offsets = positions - 0.4 + width * (row + 0.5)
         bars = axes.bar(offsets, 100 * values.to_numpy(), width, label=textwrap.fill(str(model), 40))
         axes.bar_label(bars, fmt="%.1f", fontsize=6, padding=1, rotation=90 if n_models > 1 else 0)
-    labels = [textwrap.fill(str(task), 14) for task in table.columns]
-    slanted = n_groups > 6
-    axes.set_xticks(positions, labels, rotation=45 if slanted else 0, ha="right" if slanted else "center",
+    labels = [str(task) for task in table.columns]
+    slanted = n_groups > 4 or max(map(len, labels)) > 10  # slanted labels never run into each other
+    axes.set_xticks(positions, labels, rotation=40 if slanted else 0, ha="right" if slanted else "center",
                     rotation_mode="anchor", fontsize=8)
     axes.set_xlim(-0.6, n_groups - 0.4)
     axes.set_ylim(0, 112)
     axes.set_ylabel("score (x100)")
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.savefig(path, dpi=120)
+    return figure
 
 
 def plot_length_curves(results: list[TaskResult], path: Path) -> bool:

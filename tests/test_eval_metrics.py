@@ -153,3 +153,35 @@ def test_shards_partition_the_texts():
         Shard.parse("two")
     with pytest.raises(ValueError, match="0 <= index < count"):
         Shard.parse("4/4")
+
+
+@pytest.mark.parametrize("n_tasks", [1, 5, 12])
+def test_score_chart_labels_do_not_overlap_and_show_one_decimal(n_tasks):
+    import re
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from eval.benchmark import TaskResult
+    from eval.data import LOCOV1_TASKS
+    from eval.report import scores_figure, score_table
+
+    models = ["bm25", "all-MiniLM-L6-v2 (chunk-max, 256)", "m2-bert-80M-32k-retrieval (truncate, 32768)"]
+    results = [TaskResult(model, task, 1, 1, {"nDCG@10": (i * 37 + j * 11) % 100 / 100 + 0.004}, 0.0)
+               for i, model in enumerate(models) for j, task in enumerate(LOCOV1_TASKS[:n_tasks])]
+    figure = scores_figure(score_table(results), "nDCG@10")
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)  # lays out the constrained figure
+    (axes,) = figure.axes
+    labels = axes.get_xticklabels()
+    assert len(labels) == n_tasks + 1  # the tasks and the average
+    rotation = math.radians(labels[0].get_rotation())
+    if rotation == 0:
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    else:  # parallel slanted lines: apart by the tick spacing times sin(angle), which must exceed a line
+        ticks = axes.transData.transform([(x, 0) for x in axes.get_xticks()])[:, 0]
+        line_height = 1.2 * labels[0].get_fontsize() * figure.dpi / 72
+        assert np.diff(ticks).min() * math.sin(rotation) > line_height
+    bar_labels = [text.get_text() for text in axes.texts]
+    assert len(bar_labels) == len(models) * (n_tasks + 1)
+    assert all(re.fullmatch(r"\d+\.\d", label) for label in bar_labels)
