@@ -66,6 +66,9 @@ def score_models(specs: list[ModelSpec], tasks: list[LocoTask], cache: Embedding
     results, descriptions = [], []
     for spec in specs:
         retriever = build_retriever(spec, cache, device, batch_size, search, show_progress)
+        if any(description["label"] == retriever.label for description in descriptions):
+            raise ValueError(f"several models are labelled {retriever.label!r} (the same model, protocol and "
+                             "length): give them distinct labels in a --config")
         results += evaluate_retriever(retriever, tasks, top_k)
         descriptions.append(retriever.describe())
         del retriever  # free the encoder before loading the next

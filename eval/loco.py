@@ -1,12 +1,14 @@
-"""Score retrieval models on LoCo (LoCoV1 or any task in its format) and compare them.
+"""Score retrieval models on LoCo (LoCoV1 or any task in its format) or LongEmbed, and compare them.
 
     python -m eval.loco --model bm25 --model all-MiniLM-L6-v2 --model all-MiniLM-L6-v2:chunk-mean
     python -m eval.loco --data hf --model path/to/m2-bert-80M-32k-retrieval --device cuda
+    python -m eval.loco --data hf:longembed --model all-MiniLM-L6-v2:chunk-max --metrics main Recall@10
     python -m eval.loco --config configs/eval_baselines.yaml --max-queries 20
 
 A model is `NAME[:PROTOCOL]` (NAME: bm25, all-MiniLM-L6-v2 or a local model directory; PROTOCOL:
 truncate, chunk-mean or chunk-max); a --config file lists models with per-model options. Prints the
-models x tasks nDCG@10 table and writes results.json, results.csv and scores.png. Embeddings are
+models x tasks table of each task's main metric (nDCG@10; nDCG@1 for LongEmbed's needle and passkey
+lengths) and writes results.json, results.csv, scores.png (and lengths.png). Embeddings are
 cached (--cache-dir): a rerun, or a run that adds a model, only embeds what is new. docs/eval.md has
 the details, including sharded encoding of big corpora (--shard, or torchrun).
 """
@@ -28,6 +30,7 @@ import yaml
 from .benchmark import embed_shard, score_models
 from .cache import DEFAULT_WRITER, EmbeddingCache
 from .data import HUB, LocoDataError, load_tasks
+from .longembed import LONGEMBED_SOURCE
 from .dense import SEARCHES
 from .metrics import HEADLINE_METRIC, METRICS
 from .models import ModelSpec
@@ -57,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--query-prefix", default="", help="text put before every query (--model entries)")
     models.add_argument("--document-prefix", default="", help="text put before every document or chunk (--model entries)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help=f"a LoCo-format folder, or '{HUB}' for LoCoV1 from the Hugging Face Hub "
-                      "(default: the bundled QMSum task)")
+    data.add_argument("--data", help=f"a folder in LoCo's or LongEmbed's layout, '{HUB}' for LoCoV1 or "
+                      f"'{LONGEMBED_SOURCE}' for LongEmbed from the Hugging Face Hub (default: the bundled QMSum task)")
     data.add_argument("--tasks", nargs="+", help="task names (the `dataset` key; default: all)")
     data.add_argument("--split", help="split to score (default: test; 'all' for every row)")
     data.add_argument("--list-tasks", action="store_true", help="list the tasks of --data and stop")
