@@ -20,7 +20,6 @@ cache: vectors `eval.loco` computed are reused, and the other way round.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -36,8 +35,6 @@ from .dense import DenseRetriever
 from .models import BM25, ModelSpec, build_retriever
 from .protocols import CHUNK_MAX
 from .search import exact_search
-
-logger = logging.getLogger(__name__)
 
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 

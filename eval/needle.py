@@ -80,27 +80,26 @@ class Needle:
 def template_needles(count: int, seed: int = 0) -> list[Needle]:
     """`count` distinct needles: secret codes of imaginary coloured animals."""
     keys = [(adjective, noun) for adjective in ADJECTIVES for noun in NOUNS]
-    if count > len(keys):
-        raise ValueError(f"at most {len(keys)} template needles; asked for {count} (pass --needles)")
-    rng = random.Random(seed)
-    chosen = rng.sample(keys, count)
-    codes = rng.sample(range(10000, 100000), count)
     return [Needle(f"The secret code of the {adjective} {noun} is {code}.",
                    f"What is the secret code of the {adjective} {noun}?")
-            for (adjective, noun), code in zip(chosen, codes)]
+            for (adjective, noun), code in _coded(keys, count, seed, "template needles (pass --needles)")]
 
 
 def passkey_needles(count: int, seed: int = 0) -> list[Needle]:
     """`count` distinct passkeys, each of a different made-up person."""
     keys = [(first, last) for first in FIRST_NAMES for last in LAST_NAMES]
-    if count > len(keys):
-        raise ValueError(f"at most {len(keys)} passkey needles; asked for {count}")
-    rng = random.Random(seed)
-    chosen = rng.sample(keys, count)
-    codes = rng.sample(range(10000, 100000), count)
     return [Needle(f"{first} {last}'s pass key is {code}. Remember it. {code} is the pass key for {first} {last}.",
                    f"What is the pass key for {first} {last}?")
-            for (first, last), code in zip(chosen, codes)]
+            for (first, last), code in _coded(keys, count, seed, "passkey needles")]
+
+
+def _coded(keys: list[tuple[str, str]], count: int, seed: int, what: str) -> list[tuple[tuple[str, str], int]]:
+    """`count` of `keys`, each with a distinct 5-digit code, drawn with `seed`."""
+    if count > len(keys):
+        raise ValueError(f"at most {len(keys)} {what}; asked for {count}")
+    rng = random.Random(seed)
+    chosen = rng.sample(keys, count)
+    return list(zip(chosen, rng.sample(range(10000, 100000), count)))
 
 
 def passkey_haystack(tokens: int, tokenizer) -> list[str]:

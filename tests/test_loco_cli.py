@@ -18,21 +18,12 @@ from eval.data import LocoTask, load_tasks
 from eval.loco import main
 from eval.models import ModelSpec, build_retriever
 from eval.token_inputs import encode_token_ids
-from model import M2BertConfig, M2BertModel
 from model.encoders import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_CHECKPOINT = ROOT.parent / "shared" / "conformance" / "m2-bert" / "retrieval"
 needs_conformance = pytest.mark.skipif(not AUTHORS_CHECKPOINT.is_dir(), reason="../shared/conformance not present")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_m2(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny-m2"
-    M2BertModel(M2BertConfig.from_preset("m2-bert-tiny")).save_pretrained(directory)
-    return directory
 
 
 def run_loco(output_dir: Path, *args: str) -> dict:

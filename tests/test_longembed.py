@@ -8,7 +8,6 @@ from pathlib import Path
 
 import mteb
 import pytest
-import torch
 
 from eval.data import LocoDataError, load_tasks
 from eval.longembed import write_longembed_folder
@@ -16,7 +15,7 @@ from eval.loco import main
 from eval.mteb_models import loco_model
 from eval.mteb_tasks import longembed_tasks
 from eval.needle import generate_longembed, passkey_haystack, passkey_needles
-from model import M2BertConfig, M2BertModel, load_tokenizer
+from model import load_tokenizer
 
 LENGTHS = (64, 128)
 
@@ -65,10 +64,8 @@ def test_eval_loco_scores_longembed_with_its_metrics(longembed_folder, tmp_path,
     assert (tmp_path / "lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_mteb_longembed_tasks_read_the_folder_and_agree(longembed_folder, tmp_path):
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny-m2"
-    M2BertModel(M2BertConfig.from_preset("m2-bert-tiny")).save_pretrained(model_dir)
+def test_mteb_longembed_tasks_read_the_folder_and_agree(longembed_folder, tiny_m2, tmp_path):
+    model_dir = tiny_m2
     assert main(["--data", str(longembed_folder), "--model", str(model_dir), "--no-cache", "--quiet",
                  "--output-dir", str(tmp_path / "out")]) == 0
     ours = {r["task"]: r["metrics"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["results"]}

@@ -7,24 +7,14 @@ from pathlib import Path
 
 import mteb
 import pytest
-import torch
 
 from eval.loco import main
 from eval.mteb_models import LocoChunkMaxSearch, LocoEncoder, loco_model
 from eval.mteb_tasks import LOCOV1_MTEB_TASKS, LoCoQMSumBundledRetrieval, loco_tasks
-from model import M2BertConfig, M2BertModel
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_CHECKPOINT = ROOT.parent / "shared" / "conformance" / "m2-bert" / "retrieval"
 needs_conformance = pytest.mark.skipif(not AUTHORS_CHECKPOINT.is_dir(), reason="../shared/conformance not present")
-
-
-@pytest.fixture(scope="module")
-def tiny_m2(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny-m2"
-    M2BertModel(M2BertConfig.from_preset("m2-bert-tiny")).save_pretrained(directory)
-    return directory
 
 
 def loco_scores(output_dir: Path, *args: str) -> dict[str, dict[str, float]]:

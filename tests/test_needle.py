@@ -6,13 +6,12 @@ import json
 import re
 
 import pytest
-import torch
 
 from eval.data import LocoDataError, load_tasks
 from eval.loco import main
 from eval.needle import bundled_haystack, generate, parse_task_name, read_needles, template_needles, write_folder
 from eval.needle import main as needle_main
-from model import M2BertConfig, M2BertModel, load_tokenizer
+from model import load_tokenizer
 
 LENGTHS = (128, 512)
 DEPTHS = (0.0, 0.5, 1.0)
@@ -52,16 +51,8 @@ def test_tasks_have_the_asked_lengths_and_depths(needle_folder):
     assert at_start[len(needle):].lstrip()[:300] == at_end[:300]
 
 
-@pytest.fixture(scope="module")
-def tiny_m2_directory(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny-m2"
-    M2BertModel(M2BertConfig.from_preset("m2-bert-tiny")).save_pretrained(directory)
-    return directory
-
-
-def test_needle_tasks_score_and_plot(needle_folder, tiny_m2_directory, tmp_path):
-    assert main(["--data", str(needle_folder), "--model", "bm25", "--model", str(tiny_m2_directory),
+def test_needle_tasks_score_and_plot(needle_folder, tiny_m2, tmp_path):
+    assert main(["--data", str(needle_folder), "--model", "bm25", "--model", str(tiny_m2),
                  "--output-dir", str(tmp_path), "--no-cache", "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["results"]) == 2 * len(LENGTHS) * len(DEPTHS)
