@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TaskResult:
-    """One model on one task: mean metrics (fractions) and what it cost."""
+    """One model on one task: mean metrics (fractions), the task's main metric and group (see
+    `LocoTask`), and what it cost."""
 
     model: str
     task: str
@@ -29,6 +30,12 @@ class TaskResult:
     seconds: float
     embedded: int | None = None
     cached: int | None = None
+    metric: str = HEADLINE_METRIC
+    group: str | None = None
+
+    @property
+    def main_score(self) -> float:
+        return self.metrics[self.metric]
 
 
 def evaluate_retriever(retriever, tasks: list[LocoTask], top_k: int = 100) -> list[TaskResult]:
@@ -44,9 +51,9 @@ def evaluate_retriever(retriever, tasks: list[LocoTask], top_k: int = 100) -> li
             model=retriever.label, task=task.name, n_queries=len(task.queries), n_documents=len(task.documents),
             metrics=evaluate_run(task.qrels, run), seconds=seconds,
             embedded=counts.embedded - before.embedded if counts else None,
-            cached=counts.cached - before.cached if counts else None)
+            cached=counts.cached - before.cached if counts else None, metric=task.metric, group=task.group)
         logger.info("%s | %s: %s %.1f (%d queries, %d documents, %.1f s%s)", result.model, result.task,
-                    HEADLINE_METRIC, 100 * result.metrics[HEADLINE_METRIC], result.n_queries, result.n_documents,
+                    result.metric, 100 * result.main_score, result.n_queries, result.n_documents,
                     seconds, "" if counts is None else f", {result.embedded} embedded, {result.cached} from cache")
         results.append(result)
     return results
@@ -59,6 +66,9 @@ def score_models(specs: list[ModelSpec], tasks: list[LocoTask], cache: Embedding
     results, descriptions = [], []
     for spec in specs:
         retriever = build_retriever(spec, cache, device, batch_size, search, show_progress)
+        if any(description["label"] == retriever.label for description in descriptions):
+            raise ValueError(f"several models are labelled {retriever.label!r} (the same model, protocol and "
+                             "length): give them distinct labels in a --config")
         results += evaluate_retriever(retriever, tasks, top_k)
         descriptions.append(retriever.describe())
         del retriever  # free the encoder before loading the next

@@ -1,9 +1,10 @@
 """On-disk cache of embeddings, so a rerun or an added model only embeds what is new.
 
-An embedding is stored under its *space* and the SHA-256 of the exact text the encoder was given
-(prefix and chunk included). A space names everything else the vector depends on: the model's
-fingerprint (a hash of its files), the truncation length and the device kind (CUDA runs in bf16
-autocast, CPU in fp32). Chunk-mean and chunk-max share chunk vectors; truncation shares nothing.
+An embedding is stored under its *space* and the SHA-256 of the exact input the encoder was given:
+a text (prefix included), or a chunk's token ids (`input_hash`). A space names everything else the
+vector depends on: the model's fingerprint (a hash of its files), the truncation length and the
+device kind (CUDA runs in bf16 autocast, CPU in fp32). Chunk-mean and chunk-max share chunk
+vectors; truncation shares nothing.
 
 Storage is a folder of SQLite files: each writer (a process, or one shard of a sharded run) commits
 to its own file after every batch, so an interrupted run keeps everything finished, and concurrent
@@ -34,6 +35,14 @@ _LOOKUP_BATCH = 900
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def input_hash(item: str | tuple[int, ...]) -> str:
+    """The cache key of an encoder input: a text, or a chunk's token ids (a NUL-led tag that no
+    document text carries keeps the two kinds apart)."""
+    if isinstance(item, str):
+        return text_hash(item)
+    return text_hash("\0token-ids\0" + " ".join(map(str, item)))
 
 
 def fingerprint_files(directory: Path) -> str:

@@ -10,7 +10,8 @@ Sources (`load_tasks(data=...)`):
   * `None`: the bundled task (QMSum, `eval/data/`), so everything works offline;
   * a folder holding `documents*` and `queries*` files (`.jsonl`, `.jsonl.gz`, `.parquet`), or whose
     sub-folders do (one level deep); one or many tasks per folder;
-  * `"hf"`: LoCoV1 from the Hugging Face Hub through `datasets`.
+  * `"hf"`: LoCoV1 from the Hugging Face Hub through `datasets`;
+  * LongEmbed's layout (a folder, or `"hf:longembed"`): read by `eval.longembed`.
 
 Every defect is a `LocoDataError` naming the file (or Hub dataset) and the record.
 """
@@ -25,6 +26,8 @@ import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
+
+from .metrics import HEADLINE_METRIC
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class LocoTask:
 
     `documents` maps pid -> passage and `queries` qid -> query text, both in file order;
     `qrels` maps qid -> {pid: 1} (every relevant document has grade 1, as in LoCoV1).
+    `metric` is the task's main score (LoCo's nDCG@10; LongEmbed's needle and passkey lengths: nDCG@1).
+    `group` names the benchmark task a task is one part of (a LongEmbed length of `needle`): a
+    benchmark average counts each group once, as the mean of its parts.
     """
 
     name: str
@@ -59,6 +65,8 @@ class LocoTask:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     source: str
+    metric: str = HEADLINE_METRIC
+    group: str | None = None
 
     def subset(self, max_queries: int | None = None, max_documents: int | None = None) -> LocoTask:
         """A smaller task for quick runs: the first `max_queries` queries whose relevant documents fit
@@ -106,13 +114,18 @@ class _Row:
 
 def load_tasks(data: str | Path | None = None, tasks: Iterable[str] | None = None,
                split: str | None = "test") -> list[LocoTask]:
-    """Validated tasks from `data` (None: the bundled task; a folder; or "hf" for the Hub).
+    """Validated tasks from `data`: None (the bundled task), a folder in LoCo's or LongEmbed's layout,
+    "hf" (LoCoV1 from the Hub) or "hf:longembed" (LongEmbed from the Hub; see `eval.longembed`).
 
     `tasks` selects tasks by their `dataset` key (None: all, LoCoV1's in the paper's order first).
     `split` keeps rows whose `split` equals it; rows without a `split` belong to every split;
     None keeps every row. Raises `LocoDataError` on any defect and for unknown task names.
     """
+    from .longembed import LONGEMBED_SOURCE, is_longembed_folder, load_longembed
+
     wanted = None if tasks is None else list(dict.fromkeys(tasks))
+    if str(data) == LONGEMBED_SOURCE or (data is not None and is_longembed_folder(Path(data))):
+        return load_longembed(data, wanted, split)
     if str(data) == HUB:
         documents, queries = _hub_rows(split)
     else:
@@ -129,8 +142,8 @@ def list_tasks(data: str | Path | None = None, split: str | None = "test") -> li
 
 def _folder_rows(folder: Path, split: str | None) -> tuple[list[_Row], list[_Row]]:
     document_files, query_files = _find_files(folder)
-    documents = [row for path in document_files for row in _split_rows(path, _read_records(path), split)]
-    queries = [row for path in query_files for row in _split_rows(path, _read_records(path), split)]
+    documents = [row for path in document_files for row in _split_rows(path, read_records(path, "documents"), split)]
+    queries = [row for path in query_files for row in _split_rows(path, read_records(path, "queries"), split)]
     return documents, queries
 
 
@@ -158,10 +171,13 @@ def _data_files(folder: Path, stem: str) -> list[Path]:
                   if p.is_file() and p.name.startswith(stem) and p.name.endswith(DATA_SUFFIXES))
 
 
-def _read_records(path: Path) -> list[_Row]:
-    if path.name.endswith(".parquet"):
-        return _read_parquet(path)
-    return list(_read_json_lines(path))
+def read_records(path: Path, kind: str) -> list[_Row]:
+    """The records of a `.jsonl`, `.jsonl.gz` or `.parquet` file of `kind` (e.g. "documents"); an
+    empty file is an error (a truncated download or an export that went wrong)."""
+    rows = _read_parquet(path) if path.name.endswith(".parquet") else list(_read_json_lines(path))
+    if not rows:
+        raise LocoDataError(f"{path}: the file is empty (expected {kind} records)")
+    return rows
 
 
 def _read_json_lines(path: Path) -> Iterator[_Row]:
@@ -212,11 +228,11 @@ def _split_rows(source: Path | str, rows: list[_Row], split: str | None) -> list
 def _hub_rows(split: str | None) -> tuple[list[_Row], list[_Row]]:
     if split is None:
         raise LocoDataError("the Hub datasets need a split (e.g. 'test')")
-    _check_hub_reachable()
+    _check_hub_reachable(f"{HUB_QUERIES} and {HUB_DOCUMENTS}")
     return _hub_dataset_rows(HUB_DOCUMENTS, split), _hub_dataset_rows(HUB_QUERIES, split)
 
 
-def _check_hub_reachable(timeout_s: float = 5.0) -> None:
+def _check_hub_reachable(what: str, timeout_s: float = 5.0) -> None:
     """Fail fast offline instead of letting `datasets` retry for half a minute.
     With HF_HUB_OFFLINE=1 a copy in the local `datasets` cache is used and nothing is checked."""
     from huggingface_hub import constants
@@ -229,8 +245,8 @@ def _check_hub_reachable(timeout_s: float = 5.0) -> None:
         socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
     except OSError as err:
         raise LocoDataError(
-            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to load {HUB_QUERIES} and "
-            f"{HUB_DOCUMENTS} ({err}). Offline, pass --data with a local copy in the same schema "
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to load {what} ({err}). "
+            f"Offline, pass --data with a local copy in the same layout "
             f"(docs/eval.md shows how to make one), or set HF_HUB_OFFLINE=1 to use a copy already "
             f"in the datasets cache.") from err
 

@@ -1,12 +1,14 @@
-"""Score retrieval models on LoCo (LoCoV1 or any task in its format) and compare them.
+"""Score retrieval models on LoCo (LoCoV1 or any task in its format) or LongEmbed, and compare them.
 
     python -m eval.loco --model bm25 --model all-MiniLM-L6-v2 --model all-MiniLM-L6-v2:chunk-mean
     python -m eval.loco --data hf --model path/to/m2-bert-80M-32k-retrieval --device cuda
+    python -m eval.loco --data hf:longembed --model all-MiniLM-L6-v2:chunk-max --metrics main Recall@10
     python -m eval.loco --config configs/eval_baselines.yaml --max-queries 20
 
 A model is `NAME[:PROTOCOL]` (NAME: bm25, all-MiniLM-L6-v2 or a local model directory; PROTOCOL:
 truncate, chunk-mean or chunk-max); a --config file lists models with per-model options. Prints the
-models x tasks nDCG@10 table and writes results.json, results.csv and scores.png. Embeddings are
+models x tasks table of each task's main metric (nDCG@10; nDCG@1 for LongEmbed's needle and passkey
+lengths) and writes results.json, results.csv, scores.png (and lengths.png). Embeddings are
 cached (--cache-dir): a rerun, or a run that adds a model, only embeds what is new. docs/eval.md has
 the details, including sharded encoding of big corpora (--shard, or torchrun).
 """
@@ -28,11 +30,12 @@ import yaml
 from .benchmark import embed_shard, score_models
 from .cache import DEFAULT_WRITER, EmbeddingCache
 from .data import HUB, LocoDataError, load_tasks
+from .longembed import LONGEMBED_SOURCE
 from .dense import SEARCHES
-from .metrics import HEADLINE_METRIC
+from .metrics import HEADLINE_METRIC, METRICS
 from .models import ModelSpec
 from .needle import needle_heatmap
-from .report import markdown_table, score_table, write_outputs
+from .report import MAIN, markdown_table, metric_title, score_table, write_outputs
 from .sharding import Shard
 
 DEFAULTS = {"data": None, "tasks": None, "split": "test", "top_k": 100, "batch_size": 16, "max_queries": None,
@@ -57,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--query-prefix", default="", help="text put before every query (--model entries)")
     models.add_argument("--document-prefix", default="", help="text put before every document or chunk (--model entries)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help=f"a LoCo-format folder, or '{HUB}' for LoCoV1 from the Hugging Face Hub "
-                      "(default: the bundled QMSum task)")
+    data.add_argument("--data", help=f"a folder in LoCo's or LongEmbed's layout, '{HUB}' for LoCoV1 or "
+                      f"'{LONGEMBED_SOURCE}' for LongEmbed from the Hugging Face Hub (default: the bundled QMSum task)")
     data.add_argument("--tasks", nargs="+", help="task names (the `dataset` key; default: all)")
     data.add_argument("--split", help="split to score (default: test; 'all' for every row)")
     data.add_argument("--list-tasks", action="store_true", help="list the tasks of --data and stop")
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
     run.add_argument("--shard", help="I/N: embed only shard I of N into the cache and stop (see docs/eval.md)")
     run.add_argument("--output-dir", type=Path, help="where results go (default: outputs/loco/<date-time>)")
+    run.add_argument("--metrics", nargs="+", default=[MAIN], choices=(MAIN, *METRICS), metavar="METRIC",
+                     help=f"tables to print: '{MAIN}' (each task's main metric: nDCG@10; nDCG@1 for LongEmbed's "
+                     f"needle and passkey lengths) and/or any of {', '.join(METRICS)} (default: %(default)s); "
+                     "the files hold them all")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -168,8 +175,9 @@ def _run(args, argv: list[str], settings: dict, specs: list[ModelSpec], tasks, s
         paths["needle"] = output_dir / "needle.png"
 
     subset = " (subset: not comparable with full runs)" if settings["max_queries"] or settings["max_documents"] else ""
-    print(f"\nLoCo {HEADLINE_METRIC} x100, split {settings['split']}{subset}\n")
-    print(markdown_table(score_table(results)))
+    for metric in dict.fromkeys(args.metrics):
+        print(f"\n{metric_title(results, metric)} x100, split {settings['split']}{subset}\n")
+        print(markdown_table(score_table(results, metric)))
     embedded = sum(r.embedded or 0 for r in results)
     cached = sum(r.cached or 0 for r in results)
     print(f"\n{len(specs)} model(s) x {len(tasks)} task(s) in {wall_seconds:.1f} s; "

@@ -73,11 +73,16 @@ class ModelSpec:
 
     @property
     def display_name(self) -> str:
+        """The label, with the length when it was given (`labelled` adds the model's own length)."""
+        return self.labelled(self.max_length)
+
+    def labelled(self, max_length: int | None) -> str:
+        """`NAME (PROTOCOL, LENGTH)`, e.g. `all-MiniLM-L6-v2 (chunk-max, 256)`, unless given a `label`."""
         if self.label:
             return self.label
         if self.is_bm25:
             return BM25
-        options = [self.protocol] + ([str(self.max_length)] if self.max_length else [])
+        options = [self.protocol] + ([str(max_length)] if max_length else [])
         path = Path(self.name)
         # Training runs export to <run>/final: such models are known by their run's name.
         name = f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
@@ -104,9 +109,10 @@ def build_retriever(spec: ModelSpec, cache: EmbeddingCache, device: torch.device
     space = space_key(identity)
     cache.register(space, description)
     protocol = Protocol(spec.protocol, max_length, spec.query_prefix, spec.document_prefix)
-    logger.info("%s: %s on %s, protocol %s at %d tokens", spec.display_name, type(encoder).__name__, device,
+    label = spec.labelled(max_length)
+    logger.info("%s: %s on %s, protocol %s at %d tokens", label, type(encoder).__name__, device,
                 protocol.kind, max_length)
-    return DenseRetriever(spec.display_name, encoder, protocol, cache, space, description,
+    return DenseRetriever(label, encoder, protocol, cache, space, description,
                           batch_size=spec.batch_size or batch_size, search=search, show_progress=show_progress)
 
 

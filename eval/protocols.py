@@ -6,6 +6,9 @@
   * `chunk-max`: the same chunks, kept as separate vectors; a document scores its best chunk.
 Queries are always truncated. Optional prefixes (instruction models) go before every query and
 every document or chunk, and count against the length.
+
+A chunk is a span of the document's token ids (not a span of its text, which could tokenize to more
+tokens once cut out and lose its end to truncation): the encoder is given those ids as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import dataclasses
 
 TRUNCATE, CHUNK_MEAN, CHUNK_MAX = "truncate", "chunk-mean", "chunk-max"
 PROTOCOLS = (TRUNCATE, CHUNK_MEAN, CHUNK_MAX)
+
+# What an encoder is given: a text (tokenized and truncated by the encoder) or the token ids of a chunk
+# (special tokens not included; the encoder adds them).
+EncoderInput = str | tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,25 +45,22 @@ class Protocol:
     def query_input(self, query: str) -> str:
         return self.query_prefix + query
 
-    def document_inputs(self, passage: str, tokenizer) -> list[str]:
-        """What the encoder is given for one document: itself, or its chunks."""
+    def document_inputs(self, passage: str, tokenizer) -> list[EncoderInput]:
+        """What the encoder is given for one document: its text, or the token ids of its chunks
+        (each with the document prefix's ids in front)."""
         if not self.chunked:
             return [self.document_prefix + passage]
-        budget = (self.max_length - tokenizer.num_special_tokens_to_add(pair=False)
-                  - len(tokenizer(self.document_prefix, add_special_tokens=False)["input_ids"]))
+        prefix = tuple(tokenizer(self.document_prefix, add_special_tokens=False)["input_ids"])
+        budget = self.max_length - tokenizer.num_special_tokens_to_add(pair=False) - len(prefix)
         if budget < 1:
             raise ValueError(f"document prefix {self.document_prefix!r} leaves no room in {self.max_length} tokens")
-        return [self.document_prefix + chunk for chunk in split_into_chunks(passage, tokenizer, budget)]
+        return [prefix + chunk for chunk in split_into_chunks(passage, tokenizer, budget)]
 
 
-def split_into_chunks(text: str, tokenizer, tokens_per_chunk: int) -> list[str]:
-    """`text` cut into consecutive pieces of `tokens_per_chunk` tokens (the last may be shorter).
-
-    Pieces are spans of the original text (from the tokenizer's character offsets), so casing and
-    spacing survive; the whitespace between two pieces is dropped. Empty text is one empty piece."""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        verbose=False)["offset_mapping"]
-    if not offsets:
-        return [text]
-    return [text[offsets[start][0]:offsets[min(start + tokens_per_chunk, len(offsets)) - 1][1]]
-            for start in range(0, len(offsets), tokens_per_chunk)]
+def split_into_chunks(text: str, tokenizer, tokens_per_chunk: int) -> list[tuple[int, ...]]:
+    """The token ids of `text` (no special tokens) cut into consecutive spans of `tokens_per_chunk`
+    (the last may be shorter). Empty text is one empty span."""
+    ids = tuple(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if not ids:
+        return [()]
+    return [ids[start:start + tokens_per_chunk] for start in range(0, len(ids), tokens_per_chunk)]

@@ -1,9 +1,12 @@
 """M2-BERT (Monarch Mixer BERT): configuration, models, checkpoint loading and the bundled tokenizer."""
 
+from .auto import register_auto_classes
 from .configuration_m2_bert import PRESETS, M2BertConfig
 from .loading import load_config
 from .modeling_m2_bert import HyenaFilter, M2BertForMaskedLM, M2BertModel, MonarchMixerSequenceMixer
 from .tokenizer import load_tokenizer
+
+register_auto_classes()  # transformers' Auto classes load our exports (`model_type: m2_bert`)
 
 
 def from_pretrained(directory, **config_overrides) -> M2BertModel:

@@ -258,12 +258,27 @@ def initialise_pooler(model, seed: int) -> None:
         model.pooler.dense.bias.zero_()
 
 
-def load_pretrained(cls, directory, **config_overrides):
-    """Build `cls` (M2BertModel or M2BertForMaskedLM) from a directory; see the module docstring."""
-    directory = Path(directory)
+# What transformers' Auto classes pass to `from_pretrained` besides the directory and its config: Hub
+# download and remote-code options, which a local directory does not need.
+_AUTO_CLASS_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "cache_dir", "force_download",
+                      "local_files_only", "proxies", "resume_download", "revision", "token", "use_auth_token",
+                      "code_revision", "_commit_hash")
+
+
+def load_pretrained(cls, directory, config: M2BertConfig | None = None, **config_overrides):
+    """Build `cls` (M2BertModel or M2BertForMaskedLM) from a directory; see the module docstring.
+    `config` (as `AutoModel.from_pretrained` passes it) replaces the directory's config.json."""
+    for key in _AUTO_CLASS_KWARGS:
+        config_overrides.pop(key, None)
+    directory = Path(directory) / config_overrides.pop("subfolder", "")
     if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    config = load_config(directory, **config_overrides)
+        raise FileNotFoundError(f"model directory {directory} does not exist (M2-BERT loads local directories: "
+                                "download a Hub model first, e.g. with `huggingface-cli download`)")
+    if config is None:
+        config = load_config(directory, **config_overrides)
+    elif config_overrides:
+        values = {key: value for key, value in config.to_dict().items() if key != "model_type"}
+        config = M2BertConfig(**{**values, **config_overrides})
     check_fits_in_memory(cls, config, directory / CONFIG_NAME)
     state, path = read_state_dict(directory)
     state = normalise_state_dict(state, path)
@@ -325,5 +340,7 @@ def save_pretrained(model, directory) -> None:
     tied = set(getattr(model, "tied_weight_keys", ()))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
     save_file(state, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    # `model_type: m2_bert` and `architectures` let transformers' Auto classes load it (`model.auto`).
     config = {k: v for k, v in model.config.to_dict().items() if k not in RUNTIME_KEYS}
+    config["architectures"] = [type(model).__name__]
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

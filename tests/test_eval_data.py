@@ -114,10 +114,11 @@ def test_bad_records_are_named(tmp_path, change, message):
         load_tasks(tmp_path)
 
 
-def test_empty_documents_file(tmp_path):
+def test_empty_documents_file_is_named_as_the_cause(tmp_path, caplog):
     write_task(tmp_path, [], QUERIES)
-    with pytest.raises(LocoDataError, match=r"queries\.jsonl, line 1: task 'toy' has queries but an empty corpus"):
-        load_tasks(tmp_path, split=None)
+    with pytest.raises(LocoDataError, match=r"documents\.jsonl: the file is empty \(expected documents records\)"):
+        load_tasks(tmp_path)
+    assert "split" not in caplog.text  # no misleading warning about a missing split column first
 
 
 def test_unknown_task_lists_the_known_ones(tmp_path):

@@ -83,21 +83,46 @@ def test_document_vectors_reject_documents_without_vectors():
         DocumentVectors(["a", "b"], np.zeros((1, 2)), np.array([0, 1, 1]))
 
 
-def test_chunks_cover_the_text_in_order_within_the_length():
+def test_chunks_are_token_spans_within_the_length():
     from model import load_tokenizer
 
     tokenizer = load_tokenizer()
     text = "Meeting notes. " * 200 + "Final words, spoken at the end!"
     protocol = Protocol("chunk-mean", max_length=64, document_prefix="passage: ")
     chunks = protocol.document_inputs(text, tokenizer)
-    assert all(chunk.startswith("passage: ") for chunk in chunks)
-    assert all(len(tokenizer(chunk)["input_ids"]) <= 64 for chunk in chunks)
+    prefix = tuple(tokenizer("passage: ", add_special_tokens=False)["input_ids"])
+    assert all(chunk[:len(prefix)] == prefix and len(chunk) <= 64 - 2 for chunk in chunks)
     pieces = split_into_chunks(text, tokenizer, 20)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False)["input_ids"]] == ids
+    assert [i for piece in pieces for i in piece] == ids and all(len(piece) == 20 for piece in pieces[:-1])
     assert len(pieces) == math.ceil(len(ids) / 20)
-    assert split_into_chunks("", tokenizer, 20) == [""]
+    assert split_into_chunks("", tokenizer, 20) == [()]
     assert Protocol("truncate", 64).document_inputs(text, tokenizer) == [text]
+    # A span cut inside a word is kept as ids: as text it would tokenize to more tokens than it holds.
+    word_cut = split_into_chunks("unbelievably " * 50, tokenizer, 3)
+    assert any(len(tokenizer(tokenizer.decode(piece), add_special_tokens=False)["input_ids"]) > 3
+               for piece in word_cut)
+
+
+def test_token_chunks_embed_as_the_text_they_hold():
+    import torch
+
+    from eval.token_inputs import encode_token_ids
+    from model import M2BertConfig, M2BertModel
+    from model.encoders import M2Encoder, load_encoder
+
+    torch.manual_seed(0)
+    texts = ["a short meeting note", "a longer note about the budget of the design team and its remote control"]
+    for padding_mode in ("masked", "reference"):
+        encoder = M2Encoder(M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", max_position_embeddings=128,
+                                                                 padding_mode=padding_mode)))
+        ids = [tuple(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        np.testing.assert_allclose(encode_token_ids(encoder, ids, batch_size=2), encoder.encode(texts), atol=1e-5)
+    with pytest.raises(ValueError, match="longer than the 128 tokens"):
+        encode_token_ids(encoder, [tuple(range(1000, 1200))])
+    minilm = load_encoder("all-MiniLM-L6-v2")
+    ids = [tuple(minilm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    np.testing.assert_allclose(encode_token_ids(minilm, ids, batch_size=2), minilm.encode(texts), atol=1e-5)
 
 
 def test_cache_round_trip_and_shard_files_merge(tmp_path):
@@ -128,3 +153,35 @@ def test_shards_partition_the_texts():
         Shard.parse("two")
     with pytest.raises(ValueError, match="0 <= index < count"):
         Shard.parse("4/4")
+
+
+@pytest.mark.parametrize("n_tasks", [1, 5, 12])
+def test_score_chart_labels_do_not_overlap_and_show_one_decimal(n_tasks):
+    import re
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from eval.benchmark import TaskResult
+    from eval.data import LOCOV1_TASKS
+    from eval.report import scores_figure, score_table
+
+    models = ["bm25", "all-MiniLM-L6-v2 (chunk-max, 256)", "m2-bert-80M-32k-retrieval (truncate, 32768)"]
+    results = [TaskResult(model, task, 1, 1, {"nDCG@10": (i * 37 + j * 11) % 100 / 100 + 0.004}, 0.0)
+               for i, model in enumerate(models) for j, task in enumerate(LOCOV1_TASKS[:n_tasks])]
+    figure = scores_figure(score_table(results), "nDCG@10")
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)  # lays out the constrained figure
+    (axes,) = figure.axes
+    labels = axes.get_xticklabels()
+    assert len(labels) == n_tasks + 1  # the tasks and the average
+    rotation = math.radians(labels[0].get_rotation())
+    if rotation == 0:
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    else:  # parallel slanted lines: apart by the tick spacing times sin(angle), which must exceed a line
+        ticks = axes.transData.transform([(x, 0) for x in axes.get_xticks()])[:, 0]
+        line_height = 1.2 * labels[0].get_fontsize() * figure.dpi / 72
+        assert np.diff(ticks).min() * math.sin(rotation) > line_height
+    bar_labels = [text.get_text() for text in axes.texts]
+    assert len(bar_labels) == len(models) * (n_tasks + 1)
+    assert all(re.fullmatch(r"\d+\.\d", label) for label in bar_labels)

@@ -23,7 +23,7 @@ MODEL_LAYERS = [
     {"ops", "loading"},
     {"kernels"},
     {"modeling_m2_bert"},
-    {"st_module", "embed"},
+    {"st_module", "embed", "auto"},
     {"encoders"},
     {"__init__"},
 ]

@@ -17,21 +17,13 @@ from eval.cache import EmbeddingCache
 from eval.data import LocoTask, load_tasks
 from eval.loco import main
 from eval.models import ModelSpec, build_retriever
-from model import M2BertConfig, M2BertModel
+from eval.token_inputs import encode_token_ids
 from model.encoders import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_CHECKPOINT = ROOT.parent / "shared" / "conformance" / "m2-bert" / "retrieval"
 needs_conformance = pytest.mark.skipif(not AUTHORS_CHECKPOINT.is_dir(), reason="../shared/conformance not present")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_m2(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny-m2"
-    M2BertModel(M2BertConfig.from_preset("m2-bert-tiny")).save_pretrained(directory)
-    return directory
 
 
 def run_loco(output_dir: Path, *args: str) -> dict:
@@ -66,7 +58,7 @@ def direct_ndcg_at_10(encoder, task: LocoTask) -> float:
 
 
 def test_bm25_on_the_qmsum_test_split(tmp_path, capsys):
-    results = run_loco(tmp_path, "--model", "bm25")
+    results = run_loco(tmp_path, "--model", "bm25", "--metrics", "main", "Recall@10", "MRR@10")
     (task,) = load_tasks()
     (row,) = results["results"]
     assert (row["task"], row["n_queries"], row["n_documents"]) == ("qmsum", 281, 35)
@@ -75,9 +67,13 @@ def test_bm25_on_the_qmsum_test_split(tmp_path, capsys):
     assert row["metrics"]["Recall@100"] == 1.0  # 35 documents: everything sharing a word is retrieved
     out = capsys.readouterr().out
     assert "| model | qmsum | Average |" in out and f"| bm25 | {100 * row['metrics']['nDCG@10']:.1f} |" in out
+    for metric in ("nDCG@10", "Recall@10", "MRR@10"):  # one table per asked metric, in that order
+        assert f"\n{metric} x100, split test\n" in out
+        assert f"| bm25 | {100 * row['metrics'][metric]:.1f} | {100 * row['metrics'][metric]:.1f} |" in out
+    assert out.index("Recall@10 x100") < out.index("MRR@10 x100")
     assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv = (tmp_path / "results.csv").read_text().splitlines()
-    assert csv[0].startswith("model,task,n_queries,n_documents,nDCG@1,") and len(csv) == 3  # qmsum + Average
+    assert csv[0].startswith("model,task,n_queries,n_documents,main_metric,main,nDCG@1,") and len(csv) == 3
     assert results["settings"]["split"] == "test" and "bm25s" in results["settings"]["versions"]
 
 
@@ -181,13 +177,13 @@ def test_chunk_protocols_aggregate_the_chunk_embeddings(tmp_path):
     cache = EmbeddingCache(None)
     mean = build_retriever(ModelSpec("all-MiniLM-L6-v2", "chunk-mean"), cache, CPU, show_progress=False)
     best = build_retriever(ModelSpec("all-MiniLM-L6-v2", "chunk-max"), cache, CPU, show_progress=False)
-    chunk_texts = mean.protocol.document_inputs(text, encoder.tokenizer)
-    assert len(chunk_texts) > 2
-    chunk_vectors = encoder.encode(chunk_texts)
+    chunks = mean.protocol.document_inputs(text, encoder.tokenizer)
+    assert len(chunks) > 2
+    chunk_vectors = encode_token_ids(encoder, chunks)
     np.testing.assert_allclose(mean.embed_documents(task, ["d"]).vectors, chunk_vectors.mean(axis=0, keepdims=True), atol=1e-5)
     maxed = best.embed_documents(task, ["d"])
     np.testing.assert_allclose(maxed.vectors, chunk_vectors, atol=1e-5)
-    assert list(maxed.starts) == [0, len(chunk_texts)]
+    assert list(maxed.starts) == [0, len(chunks)]
 
 
 def test_prefixes_reach_the_encoder(tiny_m2, tmp_path):
