@@ -14,7 +14,8 @@ import torch
 
 def token_id_features(encoder, chunks: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` (B, L) for chunks of token ids (without special tokens)."""
-    from model.encoders import M2Encoder, padded_length
+    from model.batching import padded_length
+    from model.encoders import M2Encoder
 
     tokenizer = encoder.tokenizer
     rows = [tokenizer.build_inputs_with_special_tokens(list(ids)) for ids in chunks]
