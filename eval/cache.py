@@ -2,9 +2,10 @@
 
 An embedding is stored under its *space* and the SHA-256 of the exact input the encoder was given:
 a text (prefix included), or a chunk's token ids (`input_hash`). A space names everything else the
-vector depends on: the model's fingerprint (a hash of its files), the truncation length and the
-device kind (CUDA runs in bf16 autocast, CPU in fp32). Chunk-mean and chunk-max share chunk
-vectors; truncation shares nothing.
+vector depends on: the model's fingerprint (a hash of its files), the code that computes it (a hash
+of this package's embedding code, `code_fingerprint`, and the versions of the libraries it runs on),
+the truncation length and the device kind (CUDA runs in bf16 autocast, CPU in fp32). Chunk-mean and
+chunk-max share chunk vectors; truncation shares nothing.
 
 Storage is a folder of SQLite files: each writer (a process, or one shard of a sharded run) commits
 to its own file after every batch, so an interrupted run keeps everything finished, and concurrent
@@ -14,10 +15,12 @@ sharded jobs is just pointing them at the same folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +48,68 @@ def input_hash(item: str | tuple[int, ...]) -> str:
     return text_hash("\0token-ids\0" + " ".join(map(str, item)))
 
 
-def fingerprint_files(directory: Path) -> str:
-    """SHA-256 over the relative names and contents of every file below `directory`."""
+def fingerprint_files(directory: Path, suffixes: tuple[str, ...] | None = None) -> str:
+    """SHA-256 over the relative names and contents of every file below `directory` (only those whose
+    name ends in one of `suffixes`, when given). Git metadata and Python's bytecode caches are skipped."""
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and ".git" not in p.parts)
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not {".git", "__pycache__"} & set(p.parts)
+                   and (suffixes is None or p.name.endswith(suffixes)))
     for path in files:
         digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
         with path.open("rb") as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
+
+
+# Source files of the code that turns an input into a vector: Python, the CUDA/C++ kernels, the bundled
+# tokenizer's files.
+SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".cpp", ".h", ".json", ".txt")
+PACKAGE = "m2-loco"
+
+
+def embedding_code_roots() -> list[Path]:
+    """What computes an embedding here: the `model` package (encoders, M2-BERT, its tokenizer), the CUDA
+    kernels of `csrc/` where the checkout has them, and eval's encoder-input code (`dense`, `token_inputs`)."""
+    import model
+    from model.kernels import CSRC
+
+    here = Path(__file__).resolve().parent
+    roots = [Path(model.__file__).resolve().parent, here / "dense.py", here / "token_inputs.py"]
+    return roots + ([CSRC] if CSRC.is_dir() else [])
+
+
+def fingerprint_code(roots: Iterable[Path]) -> str:
+    """SHA-256 over the source files of `roots` (folders or single files): changes when any line of them does."""
+    digest = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        if root.is_dir():
+            digest.update(f"{root.name}/\0{fingerprint_files(root, SOURCE_SUFFIXES)}\0".encode())
+        else:
+            digest.update(root.name.encode() + b"\0" + root.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> dict[str, str]:
+    """This package's version and the fingerprint of its embedding code (`embedding_code_roots`), so a
+    changed implementation never reads vectors an earlier one computed (an editable install keeps its
+    version number while its code changes)."""
+    return {"version": _version(PACKAGE), "source": fingerprint_code(embedding_code_roots())}
+
+
+def library_versions(packages: Iterable[str]) -> dict[str, str]:
+    """The installed version of each package (`none` where it is not installed)."""
+    return {package: _version(package) for package in packages}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def space_key(description: dict) -> str:

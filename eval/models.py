@@ -6,7 +6,11 @@ A spec on the command line is `NAME[:PROTOCOL]`:
     encoder (mean-pooled);
   * PROTOCOL: `truncate` (default), `chunk-mean` or `chunk-max` (see `eval.protocols`).
 A config file's `models:` entries take the same `model` and `protocol` plus `max_length`,
-`query_prefix`, `document_prefix`, `label` and `batch_size`.
+`query_prefix`, `document_prefix`, `label`, `batch_size` and `trust_remote_code`.
+
+`ModelSpec.check_loadable` refuses, before any data is read or any model runs, a spec that cannot
+load (an unknown name, a folder that is not a model, a bad M2 config, a folder that would run its own
+code without `trust_remote_code`); `build_retriever` runs the same check before it loads anything.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from pathlib import Path
 import torch
 
 from .bm25 import BM25Retriever
-from .cache import EmbeddingCache, fingerprint_files, space_key
+from .cache import EmbeddingCache, code_fingerprint, fingerprint_files, library_versions, space_key
 from .dense import DenseRetriever
 from .protocols import PROTOCOLS, TRUNCATE, Protocol
 
 logger = logging.getLogger(__name__)
 
 BM25 = "bm25"
-SPEC_KEYS = ("model", "protocol", "max_length", "query_prefix", "document_prefix", "label", "batch_size")
+# Libraries whose code computes a dense embedding (tokenizers and tensors); sentence-transformers models add theirs.
+LIBRARIES = ("torch", "transformers", "tokenizers")
+SPEC_KEYS = ("model", "protocol", "max_length", "query_prefix", "document_prefix", "label", "batch_size",
+             "trust_remote_code")
+MINILM = "all-MiniLM-L6-v2"
+SPEC_FORMAT = f"a model is NAME[:PROTOCOL], NAME one of {BM25}, {MINILM} or a model directory, PROTOCOL one of " \
+              f"{', '.join(PROTOCOLS)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +49,28 @@ class ModelSpec:
     document_prefix: str = ""
     label: str | None = None
     batch_size: int | None = None
+    trust_remote_code: bool = False  # let a sentence-transformers / HF folder run code it ships or names
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"model {self.name!r}: unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}")
-        if self.is_bm25 and (self.protocol != TRUNCATE or self.max_length or self.query_prefix or self.document_prefix):
-            raise ValueError("bm25 takes no protocol, max_length or prefixes")
+            raise ValueError(f"model {self.name!r}: unknown protocol {self.protocol!r}; expected one of "
+                             f"{', '.join(PROTOCOLS)}")
+        for key in ("max_length", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"model {self.name!r}: {key} must be a positive integer, got {value!r}")
+        for key in ("query_prefix", "document_prefix", "label"):
+            value = getattr(self, key)
+            if not isinstance(value, str) and not (key == "label" and value is None):
+                raise ValueError(f"model {self.name!r}: {key} must be a string, got {value!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"model {self.name!r}: trust_remote_code must be true or false, "
+                             f"got {self.trust_remote_code!r}")
+        if self.is_bm25 and (self.protocol != TRUNCATE or self.max_length or self.query_prefix or self.document_prefix
+                             or self.trust_remote_code):
+            raise ValueError("bm25 takes no protocol, max_length, prefixes or trust_remote_code")
 
     @classmethod
     def parse(cls, text: str, **options) -> ModelSpec:
@@ -65,7 +91,40 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"{where}: model entry {entry['model']!r} has unknown key(s) {unknown}; known: {SPEC_KEYS}")
         values = {key: value for key, value in entry.items() if key != "model" and value is not None}
-        return cls.parse(str(entry["model"]), **values)
+        try:
+            return cls.parse(str(entry["model"]), **values)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    def check_loadable(self) -> None:
+        """Refuse (naming the model and why) a spec whose model cannot load, without loading it: a name
+        that is neither bm25, the MiniLM alias nor a directory; a directory with neither config.json nor
+        modules.json; an M2 checkpoint without weights, or whose config is invalid or shorter than
+        `max_length`; a sentence-transformers or HF folder that would run code of its own (PermissionError)
+        unless `trust_remote_code`. Reads a few small files: run it on every spec before any work starts."""
+        if self.is_bm25:
+            return
+        from model.encoders import MINILM_ALIASES, check_runs_no_code, is_m2_directory, minilm_path
+        from model.loading import WEIGHTS_NAMES, load_config
+
+        if self.name.lower() in MINILM_ALIASES:
+            minilm_path()  # ImportError naming the package when it is missing
+            return
+        path = Path(self.name)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {self.name!r}: no such directory, and not a known name; {SPEC_FORMAT}")
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+            raise FileNotFoundError(f"model {self.name!r}: the directory has neither config.json nor modules.json, "
+                                    "so it is not a model (M2-BERT, sentence-transformers or Hugging Face)")
+        if is_m2_directory(path):  # M2 checkpoints load as tensors only: no code to check
+            config = load_config(path)
+            if not any((path / name).is_file() for name in WEIGHTS_NAMES):
+                raise FileNotFoundError(f"model {self.name!r}: no weights file (looked for {', '.join(WEIGHTS_NAMES)})")
+            if self.max_length and self.max_length > config.max_position_embeddings:
+                raise ValueError(f"model {self.name!r} reads at most {config.max_position_embeddings} tokens; "
+                                 f"max_length={self.max_length}")
+        elif not self.trust_remote_code:
+            check_runs_no_code(path)
 
     @property
     def is_bm25(self) -> bool:
@@ -92,18 +151,24 @@ class ModelSpec:
 def build_retriever(spec: ModelSpec, cache: EmbeddingCache, device: torch.device, batch_size: int = 16,
                     search: str = "exact", show_progress: bool = True):
     """A `BM25Retriever` or a `DenseRetriever` (its encoder loaded on `device`) for `spec`."""
+    spec.check_loadable()
     if spec.is_bm25:
         return BM25Retriever(spec.display_name, show_progress=show_progress)
     from model.encoders import M2Encoder, load_encoder
 
-    encoder = load_encoder(spec.name, max_length=spec.max_length).to(device)
+    encoder = load_encoder(spec.name, max_length=spec.max_length, trust_remote_code=spec.trust_remote_code).to(device)
     max_length = spec.max_length or encoder.max_length
     if max_length > encoder.max_length:
         raise ValueError(f"model {spec.name!r} reads at most {encoder.max_length} tokens; max_length={max_length}")
-    # Everything but the text that an embedding depends on: it names the cache space.
+    # Everything but the text that an embedding depends on: it names the cache space. The model's files,
+    # the code that runs them (ours and the libraries') and the arithmetic (device kind).
+    libraries = LIBRARIES if isinstance(encoder, M2Encoder) else (*LIBRARIES, "sentence-transformers")
     identity = {"fingerprint": fingerprint_files(model_directory(spec.name)), "encoder": type(encoder).__name__,
+                "code": code_fingerprint(), "libraries": library_versions(libraries),
                 "max_length": max_length, "device": device.type}
     description = {"model": spec.name, **identity}
+    if spec.trust_remote_code:
+        description["trust_remote_code"] = True
     if isinstance(encoder, M2Encoder):
         description["padding_mode"] = encoder.model.config.padding_mode
     space = space_key(identity)

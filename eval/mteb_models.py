@@ -42,7 +42,9 @@ MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 def loco_model(model: str | ModelSpec, *, device: str | None = None, cache_dir=None, name: str | None = None,
                **options) -> LocoEncoder | LocoChunkMaxSearch:
     """An mteb model for `model` (`NAME[:PROTOCOL]` as in `eval.loco --model`, or a `ModelSpec`);
-    `options` are `ModelSpec` fields (protocol, max_length, query_prefix, document_prefix, label)."""
+    `options` are `ModelSpec` fields (protocol, max_length, query_prefix, document_prefix, label,
+    trust_remote_code). The model is checked and loaded as `eval.loco` does: a folder that would run
+    code of its own is refused (PermissionError) unless `trust_remote_code=True`."""
     spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(model, **options)
     kind = LocoChunkMaxSearch if spec.protocol == CHUNK_MAX else LocoEncoder
     return kind(spec, device=device, cache_dir=cache_dir, name=name)
@@ -56,6 +58,7 @@ class _LocoModel:
         spec = model_name if isinstance(model_name, ModelSpec) else ModelSpec.parse(model_name, **options)
         if spec.is_bm25:
             raise ValueError(f"{BM25} has nothing to embed; mteb has its own BM25 model (mteb.get_model('bm25s'))")
+        spec.check_loadable()  # before the cache folder is made
         self.spec = spec
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache = EmbeddingCache(cache_dir)
@@ -67,9 +70,9 @@ class _LocoModel:
         self.retriever.batch_size = int(encode_kwargs.get("batch_size") or self.retriever.batch_size)
         self.retriever.show_progress = bool(encode_kwargs.get("show_progress_bar", False))
 
-    def _embed_queries(self, texts: list[str], task_name: str) -> np.ndarray:
-        inputs = [self.retriever.protocol.query_input(text) for text in texts]
-        return self.retriever.embed(inputs, f"{self.retriever.label} | {task_name} queries")
+    def _embed_queries(self, texts: list[str], task_name: str, ids: list[str] | None = None) -> np.ndarray:
+        ids = ids if ids is not None else [f"#{i}" for i in range(len(texts))]  # mteb's encode() gives no ids
+        return self.retriever.embed_query_texts(texts, task_name, ids)
 
 
 class LocoEncoder(_LocoModel, AbsEncoder):
@@ -90,7 +93,7 @@ class LocoEncoder(_LocoModel, AbsEncoder):
         texts = [text for batch in inputs for text in batch["text"]]
         if prompt_type == PromptType.query:
             return self._embed_queries(texts, task_metadata.name)
-        ids = [str(i) for i in range(len(texts))]
+        ids = [f"#{i}" for i in range(len(texts))]
         return self.retriever.embed_passages(ids, texts, task_metadata.name).vectors
 
 
@@ -117,8 +120,10 @@ class LocoChunkMaxSearch(_LocoModel):
         if top_ranked is not None:
             raise ValueError("chunk-max reranking of given candidates is not supported (full-corpus retrieval only)")
         self._configure(encode_kwargs)
-        vectors = self._embed_queries(_texts(queries, task_metadata, PromptType.query, num_proc), task_metadata.name)
-        run = exact_search(list(queries["id"]), vectors, self._documents, top_k)
+        qids = list(queries["id"])
+        vectors = self._embed_queries(_texts(queries, task_metadata, PromptType.query, num_proc), task_metadata.name,
+                                      qids)
+        run = exact_search(qids, vectors, self._documents, top_k)
         self._documents = None
         return run
 

@@ -4,7 +4,8 @@ Files hold metric values as fractions in [0, 1]; the markdown tables and the cha
 as the papers do. A table shows one metric for every task, or each task's own main metric (`MAIN`:
 nDCG@10 for LoCo, nDCG@1 for LongEmbed's needle and passkey lengths). The average is over tasks
 (LoCo's and LongEmbed's score), not over queries; the lengths of one synthetic task (a `group`)
-count once, as their mean.
+count once, as their mean. A model that failed (its description has an `error`) is kept in every
+output: its missing scores are blank, its average is blank, and the files carry its error.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ AVERAGE = "Average"
 MAIN = "main"  # each task's own main metric
 
 
-def score_table(results: list[TaskResult], metric: str = MAIN) -> pd.DataFrame:
-    """Models (rows, in run order) x tasks (columns, in run order) plus the average over tasks."""
-    frame = pd.DataFrame([{"model": r.model, "task": r.task,
-                           "value": r.main_score if metric == MAIN else r.metrics[metric]} for r in results])
-    models = list(dict.fromkeys(frame["model"]))
-    tasks = list(dict.fromkeys(frame["task"]))
-    table = frame.pivot(index="model", columns="task", values="value").loc[models, tasks]
-    groups = {r.task: r.group or r.task for r in results}
+def score_table(results: list[TaskResult], metric: str = MAIN, models: list[str] | None = None,
+                tasks: list[str] | None = None) -> pd.DataFrame:
+    """Models (rows, in run order) x tasks (columns, in run order) plus the average over tasks; `models`
+    and `tasks` (default: those of `results`) add rows and columns for what has no result (NaN), such as
+    a model that failed. A model missing a task has no average."""
+    models = list(dict.fromkeys([*(models or []), *(r.model for r in results)]))
+    tasks = list(dict.fromkeys([*(tasks or []), *(r.task for r in results)]))
+    table = pd.DataFrame(np.nan, index=pd.Index(models, name="model"), columns=tasks, dtype=float)
+    for r in results:
+        table.loc[r.model, r.task] = r.main_score if metric == MAIN else r.metrics[metric]
+    groups = {task: task for task in tasks} | {r.task: r.group or r.task for r in results}
     # Mean within each group, then over groups (a task without a group is a group of its own).
-    table[AVERAGE] = table[tasks].T.groupby([groups[task] for task in tasks], sort=False).mean().mean(axis=0)
-    table.columns.name = None
+    average = table[tasks].T.groupby([groups[task] for task in tasks], sort=False).mean().mean(axis=0)
+    table[AVERAGE] = average.where(table[tasks].notna().all(axis=1))
     return table
 
 
@@ -44,6 +48,8 @@ def metric_title(results: list[TaskResult], metric: str = MAIN) -> str:
     if metric != MAIN:
         return metric
     used = sorted(dict.fromkeys(r.metric for r in results), key=lambda m: m != HEADLINE_METRIC)
+    if not used:  # every model failed
+        return HEADLINE_METRIC
     if len(used) == 1:
         return used[0]
     by_metric = {m: list(dict.fromkeys(r.group or r.task for r in results if r.metric == m)) for m in used}
@@ -61,40 +67,60 @@ def markdown_table(table: pd.DataFrame, title: str = "model") -> str:
     return "\n".join(lines)
 
 
+def full_table(results: list[TaskResult], models: list[dict], settings: dict, metric: str = MAIN) -> pd.DataFrame:
+    """`score_table` with a row for every model described (failed ones too) and a column for every task run."""
+    return score_table(results, metric, [m["label"] for m in models], settings.get("tasks"))
+
+
 def write_outputs(output_dir: Path, results: list[TaskResult], models: list[dict], settings: dict) -> dict[str, Path]:
-    """Write results.json, results.csv, scores.png and (for per-length tasks) lengths.png; their paths."""
+    """Write results.json, results.csv, scores.png and (for per-length tasks) lengths.png; their paths.
+    `models` describes every model run, in order; a failed one has an `error`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "csv": output_dir / "results.csv", "png": output_dir / "scores.png"}
-    averages = {metric: score_table(results, metric)[AVERAGE].to_dict() for metric in (MAIN, *METRICS)}
+    averages = {metric: full_table(results, models, settings, metric)[AVERAGE].to_dict() for metric in (MAIN, *METRICS)}
     document = {
         "settings": settings,
         "metric_scale": "fraction (0-1)",
         "models": models,
+        "failed": {m["label"]: m["error"] for m in models if "error" in m},
         "results": [dataclasses.asdict(result) for result in results],
-        "averages": {model: {metric: values[model] for metric, values in averages.items()} for model in averages[MAIN]},
+        # A model without an average (it failed on some task) has null: JSON has no NaN.
+        "averages": {model: {metric: None if np.isnan(values[model]) else values[model]
+                             for metric, values in averages.items()} for model in averages[MAIN]},
     }
     paths["json"].write_text(json.dumps(document, indent=2) + "\n")
-    _results_frame(results, averages).to_csv(paths["csv"], index=False)
-    plot_scores(score_table(results), paths["png"],
+    _results_frame(results, averages, models, settings.get("tasks") or []).to_csv(paths["csv"], index=False)
+    plot_scores(full_table(results, models, settings), paths["png"],
                 title=f"{metric_title(results)} x100 (split {settings.get('split')})")
     if plot_length_curves(results, output_dir / "lengths.png"):
         paths["lengths"] = output_dir / "lengths.png"
     return paths
 
 
-def _results_frame(results: list[TaskResult], averages: dict[str, dict[str, float]]) -> pd.DataFrame:
+def _results_frame(results: list[TaskResult], averages: dict[str, dict[str, float]], models: list[dict],
+                   tasks: list[str]) -> pd.DataFrame:
+    """One row per model and task (a failed model's unscored tasks: its error), then one average per model."""
+    errors = {m["label"]: m["error"] for m in models if "error" in m}
     rows = [{"model": r.model, "task": r.task, "n_queries": r.n_queries, "n_documents": r.n_documents,
              "main_metric": r.metric, MAIN: r.main_score, **r.metrics, "seconds": round(r.seconds, 3),
              "embedded": r.embedded, "cached": r.cached}
             for r in results]
+    for model, error in errors.items():
+        scored = {r.task for r in results if r.model == model}
+        rows += [{"model": model, "task": task, "error": error} for task in tasks if task not in scored]
     for model in averages[MAIN]:
         own = [r for r in results if r.model == model]
         rows.append({"model": model, "task": AVERAGE, "n_queries": sum(r.n_queries for r in own),
                      "n_documents": sum(r.n_documents for r in own), "main_metric": MAIN,
                      **{metric: values[model] for metric, values in averages.items()},
-                     "seconds": round(sum(r.seconds for r in own), 3)})
+                     "seconds": round(sum(r.seconds for r in own), 3), "error": errors.get(model)})
     # Nullable integers: BM25 rows have no embedding counts.
-    return pd.DataFrame(rows).astype({"embedded": "Int64", "cached": "Int64"})
+    return pd.DataFrame(rows, columns=_CSV_COLUMNS).astype({"n_queries": "Int64", "n_documents": "Int64",
+                                                            "embedded": "Int64", "cached": "Int64"})
+
+
+_CSV_COLUMNS = ["model", "task", "n_queries", "n_documents", "main_metric", MAIN, *METRICS, "seconds", "embedded",
+                "cached", "error"]
 
 
 def plot_scores(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -114,8 +140,12 @@ def scores_figure(table: pd.DataFrame, title: str):
     positions = np.arange(n_groups)
     for row, (model, values) in enumerate(table.iterrows()):
         offsets = positions - 0.4 + width * (row + 0.5)
-        bars = axes.bar(offsets, 100 * values.to_numpy(), width, label=textwrap.fill(str(model), 40))
-        axes.bar_label(bars, fmt="%.1f", fontsize=6, padding=1, rotation=90 if n_models > 1 else 0)
+        scores = 100 * values.to_numpy()
+        # A model without an average has failed somewhere: the legend says so, its missing bars stay blank.
+        label = str(model) + (" (failed)" if np.isnan(scores[-1]) else "")
+        bars = axes.bar(offsets, np.nan_to_num(scores), width, label=textwrap.fill(label, 40))
+        axes.bar_label(bars, labels=["" if np.isnan(s) else f"{s:.1f}" for s in scores], fontsize=6, padding=1,
+                       rotation=90 if n_models > 1 else 0)
     labels = [str(task) for task in table.columns]
     slanted = n_groups > 4 or max(map(len, labels)) > 10  # slanted labels never run into each other
     axes.set_xticks(positions, labels, rotation=40 if slanted else 0, ha="right" if slanted else "center",

@@ -201,9 +201,10 @@ def test_config_file_and_model_specs(tmp_path, capsys):
     from eval.loco import _settings, build_parser
 
     args = build_parser().parse_args(["--config", str(ROOT / "configs" / "eval_baselines.yaml"), "--model", "bm25:x"])
-    settings, specs = _settings(args)
+    settings, specs, sources = _settings(args)
     assert [s.display_name for s in specs] == ["bm25", "all-MiniLM-L6-v2 (truncate)", "all-MiniLM-L6-v2 (chunk-mean)",
                                                "all-MiniLM-L6-v2 (chunk-max)", "bm25:x (truncate)"]
+    assert sources[1].endswith("eval_baselines.yaml, models[1]") and sources[4] == "--model"
     assert settings["split"] == "test" and settings["top_k"] == 100
     assert ModelSpec.parse("/models/a:b:chunk-max") == ModelSpec("/models/a:b", "chunk-max")
     config = tmp_path / "bad.yaml"
@@ -219,7 +220,10 @@ def test_config_file_and_model_specs(tmp_path, capsys):
 def test_cli_errors_and_task_listing(tmp_path, capsys):
     assert main(["--model", "bm25", "--tasks", "qmsum", "gov_report"]) == 2
     assert "unknown task(s) ['gov_report']" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path / "no-model"), "--cache-dir", str(tmp_path / "cache")]) == 2
-    assert "no-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--model", str(tmp_path / "no-model"), "--cache-dir", str(tmp_path / "cache")])
+    assert exit_status.value.code == 2
+    assert f"--model: model '{tmp_path / 'no-model'}': no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
     assert main(["--list-tasks", "--split", "train"]) == 0
     assert capsys.readouterr().out.startswith("qmsum\t1257 queries\t162 documents")
