@@ -12,7 +12,7 @@ measures:
 
 `run` executes a declared list of stages in order; each records passed / failed / timeout / skipped with
 its error and keeps going. A stage gets at most its own cap and what is left of --budget-s.
-Stages (--stages picks some, e.g. to rerun one that failed):
+Stages (--stages picks some, e.g. to rerun one that failed; carry always runs):
 
   carry        install the carried wheels the machine lacks into a private folder; import DeepSpeed and
                streaming; read the carried mixture's manifest
@@ -59,9 +59,6 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as `python bench/gpu_check.py`: import the project's packages from the repository root, not bench/
-# (whose dataprep.py would stand in for the dataprep package).
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 logger = logging.getLogger("bench.gpu_check")
 
@@ -169,9 +166,9 @@ def prepare(args: argparse.Namespace) -> int:
             # --no-build-isolation: DeepSpeed's setup imports torch; the wheel itself is pure Python.
             command = [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(staging), spec]
         else:
+            platforms = [argument for p in DEVICE_PLATFORMS for argument in ("--platform", p)]
             command = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-                       DEVICE_PYTHON, "--implementation", "cp", *[a for p in DEVICE_PLATFORMS for a in ("--platform", p)],
-                       "-d", str(staging), spec]
+                       DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(staging), spec]
         print(f"  {spec}: {' '.join(command[2:4])}", flush=True)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -183,15 +180,17 @@ def prepare(args: argparse.Namespace) -> int:
     mixture = carry / MIXTURE
     if not (mixture / "manifest.json").is_file() or args.rebuild_mixture:
         shutil.rmtree(mixture, ignore_errors=True)
-        print(f"  building {mixture} (python -m dataprep.build_mixture --seq-len {MIXTURE_SEQ_LEN}; ~2 min)", flush=True)
+        print(f"  building {mixture} (python -m dataprep.build_mixture --seq-len {MIXTURE_SEQ_LEN}; ~2 min)",
+              flush=True)
         subprocess.run([python, "-m", "dataprep.build_mixture", "--seq-len", str(MIXTURE_SEQ_LEN), "--out",
                         str(mixture)], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     record = {"wheels": [], "mixture": str(mixture.relative_to(carry)), "mixture_bytes": folder_bytes(mixture),
               "prepared_with": {"python": platform.python_version(), "platform": platform.platform()}}
     for wheel in sorted(wheels.glob("*.whl")):
         name, version, tags = wheel_name_version(wheel)
+        notes = [item.note for item in CARRIED if normalized(item.name) == name and item.note]
         record["wheels"].append({"file": wheel.name, "name": name, "version": version, "bytes": wheel.stat().st_size,
-                                 "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()})
+                                 "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(), "note": " ".join(notes)})
     (carry / "carry.json").write_text(json.dumps(record, indent=2) + "\n")
     problems = check_carry(carry)
     carried, tree = folder_bytes(carry), tree_bytes()
@@ -252,6 +251,10 @@ class StageError(RuntimeError):
         self.details = details or {}
 
 
+class StageSkipped(StageError):
+    """A stage that cannot tell anything new after an earlier failure (e.g. kernel tests without a build)."""
+
+
 @dataclass
 class Context:
     """What the stages share: where to write, the child processes' environment, the clock."""
@@ -267,6 +270,7 @@ class Context:
     results: dict = field(default_factory=dict)
     background: dict = field(default_factory=dict)
     live: set = field(default_factory=set)  # child processes running now
+    kernels_unavailable: str | None = None  # why the extension could not be built, once the build stage failed
     log_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def remaining(self) -> float:
@@ -393,7 +397,8 @@ def stage_carry(ctx: Context) -> dict:
 
 def device_python() -> str | None:
     """An interpreter of the GPU machine's Python version here, if any (for --dry-run)."""
-    candidates = [str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{DEVICE_PYTHON}*/bin/python{DEVICE_PYTHON}"))]
+    pattern = f".pyenv/versions/{DEVICE_PYTHON}*/bin/python{DEVICE_PYTHON}"
+    candidates = [str(p) for p in sorted(Path.home().glob(pattern))]
     candidates += [found for found in [shutil.which(f"python{DEVICE_PYTHON}")] if found]
     for candidate in candidates:  # a pyenv shim is on PATH even when it has no such version to run
         if subprocess.run([candidate, "-m", "pip", "--version"], capture_output=True).returncode == 0:
@@ -410,7 +415,8 @@ def check_wheels_under_device_python(ctx: Context, wheels: dict[str, Path]) -> d
     target = ctx.work / f"site-{DEVICE_PYTHON}"
     shutil.rmtree(target, ignore_errors=True)
     rc, output = ctx.run([interpreter, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                          "--target", str(target), *map(str, wheels.values())], 300, f"pip install under {DEVICE_PYTHON}")
+                          "--target", str(target), *map(str, wheels.values())], 300,
+                         f"pip install under {DEVICE_PYTHON}")
     if rc != 0:
         raise StageError(f"the carried wheels do not install under Python {DEVICE_PYTHON}: {output[-3000:]}")
     modules = [m for item in CARRIED for m in item.imports]
@@ -475,6 +481,7 @@ from model import kernels
 started = time.perf_counter()
 extension = kernels.build_extension(verbose=True)
 built = time.perf_counter() - started
+print("BUILT", flush=True)
 checks = {}
 # The first-call check of model.kernels, as a model's first forward pass would run it (auto mode).
 for dtype in (torch.float32, torch.bfloat16):
@@ -540,13 +547,17 @@ def stage_build(ctx: Context) -> dict:
     side.start()
     if ctx.dry_run:
         result["jit_build"] = ("skipped in a dry run (binding.cpp with the torch headers takes minutes on 2 cores; "
-                               "tests/test_kernels.py::test_cuda_extension_builds_with_nvcc_for_sm80_and_sm90 builds it)")
+                               "tests/test_kernels.py::test_cuda_extension_builds_with_nvcc_for_sm80_and_sm90 "
+                               "builds it)")
     else:
         rc, output = ctx.run(python_command("-c", BUILD_SCRIPT), ctx.remaining(), "JIT build + first-call checks")
         lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
         if rc != 0 or not lines:
             side.join()
-            raise StageError(f"the JIT build exited {rc}: {output[-4000:]}", result)
+            if "BUILT" not in output.splitlines():
+                ctx.kernels_unavailable = f"the JIT build failed (exit {rc}; see the build stage)"
+                raise StageError(f"the JIT build exited {rc}: {output[-4000:]}", result)
+            raise StageError(f"the first-call checks exited {rc}: {output[-4000:]}", result)
         result.update(json.loads(lines[-1][len("RESULT "):]))
     side.join()
     ctx.log((ctx.work / "ptxas.log").read_text(errors="replace") if (ctx.work / "ptxas.log").exists() else "")
@@ -597,10 +608,14 @@ def run_pytest(ctx: Context, name: str, selection: list[str], per_test_timeout: 
 
 
 def stage_cuda_tests(ctx: Context) -> dict:
+    if ctx.kernels_unavailable:
+        raise StageSkipped(ctx.kernels_unavailable)
     return run_pytest(ctx, "cuda_tests", ["tests/test_kernels_cuda.py", "-k", "not compute_sanitizer"], 120)
 
 
 def stage_sanitizer(ctx: Context) -> dict:
+    if ctx.kernels_unavailable:
+        raise StageSkipped(ctx.kernels_unavailable)
     return run_pytest(ctx, "sanitizer", ["tests/test_kernels_cuda.py", "-k", "compute_sanitizer"], 100)
 
 
@@ -628,19 +643,21 @@ def working_mixture(ctx: Context) -> Path:
 
 
 def pretrain_plan(ctx: Context, steps: int) -> PretrainPlan:
-    manifest = working_mixture(ctx)
-    common = [f"data.manifest={manifest}", "training.log_every=1", "training.keep_last=2", "output.tensorboard=false"]
-    if ctx.dry_run:  # a tiny model at 8k on the CPU, still bf16 under DeepSpeed
-        plan = PretrainPlan(4, 1, ())
-        common += ["model.preset=m2-bert-tiny", "model.overrides={max_position_embeddings: 8192, padding_mode: masked}",
-                   "training.device=cpu", "data.eval_samples=2"]
+    """The pretraining runs' overrides of configs/pretrain_80M_8k.yaml: a few dozen bf16 steps of 8 x 8192
+    positions on the carried mixture (a tiny model, 4 steps of one sample on the CPU for --dry-run)."""
+    overrides = [f"data.manifest={working_mixture(ctx)}", "training.log_every=1", "training.keep_last=2",
+                 "output.tensorboard=false", "training.precision=bf16"]
+    if ctx.dry_run:
+        steps, micro_batch = 4, 1
+        overrides += ["model.preset=m2-bert-tiny", "training.device=cpu", "data.eval_samples=2",
+                      "model.overrides={max_position_embeddings: 8192, padding_mode: masked}"]
     else:
-        plan = PretrainPlan(steps, 8, ())
-        common += ["training.device=cuda", "data.eval_samples=32"]
-    common += [f"training.max_steps={plan.steps}", f"training.micro_batch_size={plan.micro_batch}",
-               f"training.global_batch_size={plan.micro_batch}", f"training.eval_every={plan.steps}",
-               f"training.checkpoint_every={plan.steps}", "training.precision=bf16"]
-    return PretrainPlan(plan.steps, plan.micro_batch, tuple(common))
+        micro_batch = 8
+        overrides += ["training.device=cuda", "data.eval_samples=32"]
+    overrides += [f"training.max_steps={steps}", f"training.micro_batch_size={micro_batch}",
+                  f"training.global_batch_size={micro_batch}", f"training.eval_every={steps}",
+                  f"training.checkpoint_every={steps}"]
+    return PretrainPlan(steps, micro_batch, tuple(overrides))
 
 
 def pretrain_command(plan: PretrainPlan, run_dir: Path, *extra: str) -> list[str]:
@@ -682,6 +699,8 @@ def stage_pretrain(ctx: Context, steps: int) -> dict:
     root = ctx.work / "pretrain"
     shutil.rmtree(root, ignore_errors=True)
     full = root / "full"
+    if ctx.kernels_unavailable:  # rather than each run building again for minutes, then falling back
+        ctx.env["M2_KERNELS"] = "torch"
     started = time.monotonic()
     rc, output = ctx.run(pretrain_command(plan, full), ctx.remaining(), "pretrain (uninterrupted)")
     seconds = time.monotonic() - started
@@ -689,7 +708,9 @@ def stage_pretrain(ctx: Context, steps: int) -> dict:
                     "micro_batch_size": plan.micro_batch, "seq_len": MIXTURE_SEQ_LEN, "wall_seconds": seconds,
                     "data": "the carried MDS mixture (python -m dataprep.build_mixture --seq-len 8192 on the bundled "
                             "sample), read by StreamingDataset",
-                    "kernel_log": [line.strip() for line in output.splitlines() if "model.kernels" in line][:12]}
+                    "kernel_path": f"PyTorch ({ctx.kernels_unavailable})" if ctx.kernels_unavailable else "auto",
+                    "kernel_log": [line.strip() for line in re.split(r"[\r\n]", output)
+                                   if "model.kernels" in line][:12]}
     # The stopped-and-resumed pair runs in the background, beside the sanitizer stage.
     ctx.background["resume"] = start_resume_pair(ctx, plan, root)
     records = train_records(full)
@@ -775,12 +796,14 @@ def stage_resume(ctx: Context) -> dict:
     full, resumed = train_records(ctx.work / "pretrain" / "full"), train_records(handle["dir"])
     summary = json.loads((handle["dir"] / "summary.json").read_text())
     result["resumed_from"] = summary.get("resumed_from")
-    before = [abs(resumed[s]["loss"] - full[s]["loss"]) for s in range(1, plan.stop_after + 1) if s in resumed and s in full]
-    after = [abs(resumed[s]["loss"] - full[s]["loss"]) for s in range(plan.stop_after + 1, plan.steps + 1)
-             if s in resumed and s in full]
+    def differences(steps):
+        return [abs(resumed[s]["loss"] - full[s]["loss"]) for s in steps if s in resumed and s in full]
+
+    before = differences(range(1, plan.stop_after + 1))  # two runs of the same steps
+    after = differences(range(plan.stop_after + 1, plan.steps + 1))
     result["losses_full"] = [full[s]["loss"] for s in sorted(full)]
     result["losses_resumed"] = [resumed[s]["loss"] for s in sorted(resumed)]
-    result["max_difference_before_checkpoint"] = max(before, default=None)  # two runs of the same steps
+    result["max_difference_before_checkpoint"] = max(before, default=None)
     result["max_difference_after_resume"] = max(after, default=None)
     if result["resumed_from"] != plan.stop_after or len(after) != plan.steps - plan.stop_after:
         raise StageError(f"resumed from {result['resumed_from']} with {len(after)} later steps logged; expected "
@@ -804,6 +827,8 @@ def stage_benchmarks(ctx: Context) -> dict:
     out = ctx.out / "kernels.json"
     command = python_command("bench/kernels.py", "--out", str(out), "--time-budget-s", f"{budget:.0f}")
     command += ["--dry-run"] if ctx.dry_run else ["--warmup", "2", "--repeats", "5"]
+    if ctx.kernels_unavailable:
+        command += ["--systems", "m2-torch", "m2-torch-compile", "sdpa-transformer"]
     rc, output = ctx.run(command, ctx.remaining(), "bench/kernels.py")
     if not out.is_file():
         raise StageError(f"bench/kernels.py exited {rc} before writing {out.name}: {output[-3000:]}")
@@ -869,7 +894,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         # One architecture, the same in every stage, so that each finds the first stage's build in the cache.
         ctx.env["TORCH_CUDA_ARCH_LIST"] = ".".join(map(str, gpu_capability()))
-    selected = set(args.stages or [s.name for s in stages(args.steps)])
+    # The carry stage always runs: every later stage needs its imports (and it takes seconds).
+    selected = set(args.stages or [s.name for s in stages(args.steps)]) | {"carry"}
     ctx.results = {"issue": 14, "dry_run": dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                    "budget_s": args.budget_s, "command": " ".join(sys.argv), "stages": {}}
     print(f"gpu_check: {'dry run on the CPU' if dry_run else 'GPU run'}, budget {args.budget_s:.0f} s, "
@@ -893,6 +919,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[{time.monotonic() - started:5.0f} s] {stage.name} ...", flush=True)
                 try:
                     record = {"status": "passed", **stage.run(ctx)}
+                except StageSkipped as error:
+                    record = {"status": "skipped", "error": str(error)[:6000], **error.details}
                 except StageError as error:
                     record = {"status": "failed", "error": str(error)[:6000], **error.details}
                 except Exception as error:  # an unexpected failure of the check itself: record it, go on
@@ -979,10 +1007,9 @@ def print_summary(results: dict) -> None:
         if name == "cuda_tests" or name == "sanitizer":
             notes = f"{record.get('counts')} " + notes
         elif name == "pretrain" and "loss_first_3" in record:
+            mfu = record.get("mfu_of_measured_matmul_rate", record.get("mfu_of_datasheet_989_tflops", 0))
             notes = (f"loss {record['loss_first_3']:.3f} -> {record['loss_last_3']:.3f}, "
-                     f"{record.get('positions_per_second', 0):.0f} positions/s, MFU "
-                     f"{100 * record.get('mfu_of_measured_matmul_rate', record.get('mfu_of_datasheet_989_tflops', 0)):.1f}% "
-                     + notes)
+                     f"{record.get('positions_per_second', 0):.0f} positions/s, MFU {100 * mfu:.1f}% " + notes)
         elif name == "resume" and record.get("max_difference_after_resume") is not None:
             notes = (f"max |loss difference| after resume {record['max_difference_after_resume']:.2e} "
                      f"(allowed {record.get('allowed_difference', math.nan):.2e}) " + notes)
@@ -1020,4 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as `python bench/gpu_check.py`: import the project's packages from the repository root, not
+    # bench/ (whose dataprep.py would stand in for the dataprep package).
+    sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
     sys.exit(main())

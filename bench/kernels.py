@@ -385,8 +385,9 @@ def plot(result: dict, path: Path) -> None:
                          color=[COLORS[r["system"]] for r in steps])
         for bar, row in zip(bars, steps):
             if row["peak_memory_gib"] is not None:
-                right.annotate(f"{row['peak_memory_gib']:.1f} GiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                               ha="center", va="bottom", fontsize=8)
+                right.annotate(f"{row['peak_memory_gib']:.1f} GiB",
+                               (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                               fontsize=8)
         right.set_title(f"one fine-tuning step, L={steps[0]['length']}, batch 1 (peak memory on the bars)", fontsize=9)
     right.set_ylabel("seconds")
     fig.tight_layout()
@@ -455,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": args.dtype, "tokens_per_batch": tokens_per_batch, "lengths": lengths,
               "warmup": args.warmup, "repeats": args.repeats, "datasheet_h200": H200_DATASHEET,
               "ceilings": measure_ceilings(device, args.dry_run), "forward": [], "finetune": [], "skipped": []}
-    logger.info("ceilings: copy %.2f TB/s, bf16 matmul %.0f TFLOP/s", result["ceilings"]["copy_bytes_per_second"] / 1e12,
-                result["ceilings"]["bf16_matmul_flops_per_second"] / 1e12)
+    ceilings = result["ceilings"]
+    logger.info("ceilings: copy %.2f TB/s, bf16 matmul %.0f TFLOP/s", ceilings["copy_bytes_per_second"] / 1e12,
+                ceilings["bf16_matmul_flops_per_second"] / 1e12)
     jobs = [job for job in plan(lengths, finetune_length) if job[1] in args.systems]
     failures = 0
     for number, (kind, system, length) in enumerate(jobs, 1):

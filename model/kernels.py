@@ -388,8 +388,9 @@ def _disagreement(kernel_function, reference_function, inputs: list, reference_i
     tolerance = AGREEMENT_TOLERANCE[dtype]
     if errors[worst] <= tolerance:
         return None
-    return (f"on a {str(dtype).removeprefix('torch.')} check input the {worst if worst == 'output' else 'gradient of ' + worst} "
-            f"differs from the PyTorch path's by {errors[worst]:.2e} (relative; tolerance {tolerance:.0e})")
+    what = "output" if worst == "output" else f"gradient of {worst}"
+    return (f"on a {str(dtype).removeprefix('torch.')} check input the {what} differs from the PyTorch path's by "
+            f"{errors[worst]:.2e} (relative; tolerance {tolerance:.0e})")
 
 
 def _check_inputs(shapes: list, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor | None]:
