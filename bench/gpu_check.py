@@ -709,8 +709,7 @@ def stage_pretrain(ctx: Context, steps: int) -> dict:
                     "data": "the carried MDS mixture (python -m dataprep.build_mixture --seq-len 8192 on the bundled "
                             "sample), read by StreamingDataset",
                     "kernel_path": f"PyTorch ({ctx.kernels_unavailable})" if ctx.kernels_unavailable else "auto",
-                    "kernel_log": [line.strip() for line in re.split(r"[\r\n]", output)
-                                   if "model.kernels" in line][:12]}
+                    "kernel_log": re.findall(r"(?:INFO|WARNING|ERROR) model\.kernels: [^\r\n]*", output)[:12]}
     # The stopped-and-resumed pair runs in the background, beside the sanitizer stage.
     ctx.background["resume"] = start_resume_pair(ctx, plan, root)
     records = train_records(full)
