@@ -333,14 +333,166 @@ def _log_fallback_once(reason: str) -> None:
     logger.info("Monarch Mixer kernels not used (%s); using the PyTorch path", reason)
 
 
-def _use_kernels(mode: str, reason: str | None) -> bool:
-    """Whether to take the kernel path in `mode` (`auto` or `cuda`) given why the input does not suit it
-    (None: it does)."""
+# --- the first-call agreement check --------------------------------------------------------------------
+# A GPU, driver or toolkit the kernels were never run on can misbuild or misrun them, and wrong numbers in
+# training are silent. So the first call of each kind in a process (entry point, dtype, device, transform
+# size and, for the mixer, residual convolution and mask) first runs the kernel path and the PyTorch path
+# on a small random input of that kind and compares the output and every gradient, as the GPU tests do. A
+# disagreement beyond AGREEMENT_TOLERANCE, or an error raised by the kernels, turns that entry point off for
+# the process: `auto` falls back to the PyTorch path with one warning, `cuda` raises KernelsUnavailable.
+# Cost: one small forward and backward through each path per kind (a few per process).
+
+AGREEMENT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+"""Largest ||kernel - reference|| / ||reference|| over the output and the gradients that the first-call check
+accepts (the GPU tests' tolerances). bfloat16 inputs are compared against the PyTorch path run in float32 on
+the same bf16-rounded values: the kernels compute in fp32 and round once."""
+AGREEMENT_SEED = 20240207
+_agreement: dict[tuple, str | None] = {}  # check key -> None (agreed) or why not
+_disabled: dict[str, str] = {}  # entry point -> why its kernels are off for this process
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in double precision; inf when `actual` is not finite."""
+    high = torch.complex128 if expected.is_complex() else torch.float64
+    actual, expected = actual.to(high), expected.to(high)
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _output_and_grads(function, inputs: list, names: list[str], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"output": function(*inputs), name: d<output, grad_output>/d input} for the tensor inputs named in
+    `names` (the differentiable ones, in order; the rest are passed as they are)."""
+    leaves = [t.detach().clone().requires_grad_() if i < len(names) and isinstance(t, torch.Tensor) else t
+              for i, t in enumerate(inputs)]
+    out = function(*leaves)
+    out.backward(grad_output.to(out.dtype))
+    grads = {name: leaf.grad for name, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)}
+    return {"output": out.detach(), **grads}
+
+
+def _disagreement(kernel_function, reference_function, inputs: list, reference_inputs: list, names: list[str],
+                  grad_output: torch.Tensor) -> str | None:
+    """None when `kernel_function` agrees with `reference_function` (output and every gradient) within the
+    tolerance of the inputs' dtype, else why not."""
+    dtype = inputs[0].dtype
+    try:
+        actual = _output_and_grads(kernel_function, inputs, names, grad_output)
+    except Exception as error:  # a launch failure, a configuration this GPU cannot run, ...
+        return f"the kernels raised {type(error).__name__}: {error}"
+    expected = _output_and_grads(reference_function, reference_inputs, names, grad_output)
+    if actual.keys() != expected.keys() or any(actual[k] is None for k in expected):
+        return f"the kernels returned gradients for {sorted(actual)}, the PyTorch path for {sorted(expected)}"
+    errors = {name: _relative_error(actual[name], expected[name]) for name in expected}
+    worst = max(errors, key=errors.get)
+    tolerance = AGREEMENT_TOLERANCE[dtype]
+    if errors[worst] <= tolerance:
+        return None
+    what = "output" if worst == "output" else f"gradient of {worst}"
+    return (f"on a {str(dtype).removeprefix('torch.')} check input the {what} differs from the PyTorch path's by "
+            f"{errors[worst]:.2e} (relative; tolerance {tolerance:.0e})")
+
+
+def _check_inputs(shapes: list, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor | None]:
+    """Random tensors of the given (shape, scale) pairs (None stays None) from a fixed seed, drawn on the CPU
+    so that the check consumes none of the caller's random streams."""
+    generator = torch.Generator().manual_seed(AGREEMENT_SEED)
+    return [None if entry is None else (torch.randn(*entry[0], generator=generator) * entry[1]).to(device, dtype)
+            for entry in shapes]
+
+
+def _upcast(inputs: list) -> list:
+    return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+
+
+MIXER_GRADIENTS = ["projected", "layer_input", "short_conv_weight", "short_conv_bias", "long_conv_spectrum",
+                   "long_conv_d", "residual_conv_spectrum", "residual_conv_d"]
+
+
+def _mixer_agreement(dtype: torch.dtype, device: torch.device, length: int, residual: bool, masked: bool) -> str | None:
+    """The first-call check of `monarch_mixer_core`: batch 2, 48 channels (a full 32-channel tile and a
+    partial one), channels-last views as the model passes them, and the call's length (so the kernels run
+    with the call's transform size), residual convolution and mask."""
+    batch, hidden = 2, 48
+    n = transform_size(length)
+    projected, layer_input, weight, bias, d_skip, residual_d, grad_y = _check_inputs(
+        [((batch, length, 3 * hidden), 1.0), ((batch, length, hidden), 1.0), ((3 * hidden, 1, 3), 0.5),
+         ((3 * hidden,), 0.1), ((hidden,), 1.0), ((hidden,), 1.0) if residual else None,
+         ((batch, hidden, length), 1.0)], dtype, device)
+    # Decaying random filters on the circle (forward taps at the head, backward at the tail), as Hyena's are.
+    generator = torch.Generator().manual_seed(AGREEMENT_SEED + 1)
+    decay = torch.exp(-torch.arange(n) / max(length / 4, 1.0))
+    spectra = [torch.fft.rfft(torch.randn(hidden, n, generator=generator) * length ** -0.5 * (decay + decay.flip(0)))
+               .to(device) for _ in range(2)]
+    keep = None
+    if masked:
+        keep = torch.ones(batch, 1, length, dtype=dtype, device=device)  # (B, 1, L); the second text ends halfway
+        keep[1, :, (length + 1) // 2:] = 0
+    inputs = [projected.transpose(1, 2), layer_input.transpose(1, 2), weight, bias, spectra[0], d_skip,
+              spectra[1] if residual else None, residual_d, n, keep]
+    return _disagreement(fused_monarch_mixer_core, torch_monarch_mixer_core, inputs, _upcast(inputs),
+                         MIXER_GRADIENTS, grad_y)
+
+
+def _glu_agreement(dtype: torch.dtype, device: torch.device, gate_value_shape: tuple, out_shape: tuple,
+                   bias: bool) -> str | None:
+    """The first-call check of `block_diagonal_glu`: 2 x 37 rows through random weights of the call's shapes."""
+    nblocks, _, in_per_block = gate_value_shape
+    hidden_out = out_shape[0] * out_shape[1]
+    a, gate_value_weight, out_weight, out_bias, grad = _check_inputs(
+        [((2, 37, nblocks * in_per_block), 1.0), (gate_value_shape, in_per_block ** -0.5),
+         (out_shape, out_shape[2] ** -0.5), ((hidden_out,), 0.1) if bias else None, ((2, 37, hidden_out), 1.0)],
+        dtype, device)
+    inputs = [a, gate_value_weight, out_weight, out_bias]
+    return _disagreement(fused_block_diagonal_glu, torch_block_diagonal_glu, inputs, _upcast(inputs),
+                         ["a", "gate_value_weight", "out_weight", "out_bias"], grad)
+
+
+def _run_check(check) -> str | None:
+    """check() isolated from the caller's context: gradients on whatever the caller's mode (no_grad,
+    inference_mode), no autocast, and plain saved tensors even inside activation checkpointing (whose
+    saved-tensor hooks would otherwise try to recompute the caller's layer for the check's backward)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return check()
+
+
+def _agreement_failure(entry: str, key: tuple, check) -> str | None:
+    """None when entry point `entry` has passed (or now passes) its first-call check for `key`, else why its
+    kernels are off for this process. Warns once per entry point."""
+    if entry in _disabled:
+        return _disabled[entry]
+    if (entry, *key) not in _agreement:
+        failure = _run_check(check)
+        _agreement[(entry, *key)] = failure
+        if failure is not None:
+            _disabled[entry] = f"{entry} failed its first-call check: {failure}"
+            logger.warning("Monarch Mixer kernels (%s) failed their first-call check on %s and are off for this "
+                           "process: %s. Please report it with this GPU, driver and build (docs/kernels.md).",
+                           entry, _device_name(key[1]), failure)
+        else:
+            logger.info("Monarch Mixer kernels (%s) in use for %s: they agree with the PyTorch path on a check input",
+                        entry, ", ".join(map(str, key)))
+    return _disabled.get(entry)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return str(device)
+
+
+def _use_kernels(mode: str, reason: str | None, entry: str, key: tuple, check) -> bool:
+    """Whether to take the kernel path of `entry` in `mode` (`auto` or `cuda`) given why the input does not
+    suit it (None: it does) and, once the extension is there, the first-call check `check` for `key`."""
     if reason is None:
         try:
             cuda_extension()
         except KernelsUnavailable as error:
             reason = str(error)
+    if reason is None:
+        reason = _agreement_failure(entry, key, check)
     if reason is None:
         return True
     if mode == "cuda":
@@ -370,9 +522,14 @@ def monarch_mixer_core(
     args = (projected, layer_input, short_conv_weight, short_conv_bias, long_conv_spectrum, long_conv_d,
             residual_conv_spectrum, residual_conv_d, fft_size, keep)
     mode = resolve_mode(implementation)
-    if mode != "torch" and _use_kernels(
-            mode, _unsupported_reason(projected, layer_input, long_conv_spectrum, residual_conv_spectrum, keep)):
-        return fused_monarch_mixer_core(*args)
+    if mode != "torch":
+        length = projected.shape[-1]
+        residual, masked = residual_conv_spectrum is not None, keep is not None
+        key = (projected.dtype, projected.device, transform_size(length), residual, masked)
+        reason = _unsupported_reason(projected, layer_input, long_conv_spectrum, residual_conv_spectrum, keep)
+        if _use_kernels(mode, reason, "monarch_mixer_core", key,
+                        lambda: _mixer_agreement(projected.dtype, projected.device, length, residual, masked)):
+            return fused_monarch_mixer_core(*args)
     return torch_monarch_mixer_core(*args)
 
 
@@ -385,6 +542,11 @@ def block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_wei
     GELU gate or the PyTorch reference, as `implementation` (which `M2_KERNELS` overrides) and the input allow.
     """
     mode = resolve_mode(implementation)
-    if mode != "torch" and _use_kernels(mode, _glu_unsupported_reason(a, gate_value_weight, out_weight, out_bias)):
-        return fused_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
+    if mode != "torch":
+        bias = out_bias is not None
+        key = (a.dtype, a.device, tuple(gate_value_weight.shape), tuple(out_weight.shape), bias)
+        reason = _glu_unsupported_reason(a, gate_value_weight, out_weight, out_bias)
+        if _use_kernels(mode, reason, "block_diagonal_glu", key,
+                        lambda: _glu_agreement(a.dtype, a.device, key[2], key[3], bias)):
+            return fused_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
     return torch_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)

@@ -319,6 +319,142 @@ def test_emulated_model_matches_the_pytorch_path(emulated, monkeypatch):
     assert relative_error(actual, expected) < 1e-5
 
 
+# --- the first-call check, with the emulated kernels standing in for a GPU build --------------------------
+
+class WrongExtension:
+    """The emulated extension with one of its functions made wrong (scaled by `factor`), as a miscompiled
+    or misrunning build would be; counts the mixer's forward launches."""
+
+    def __init__(self, extension, wrong: str | None = None, factor: float = 1.05):
+        self.extension, self.wrong, self.factor = extension, wrong, factor
+        self.mixer_forwards = 0
+
+    def __getattr__(self, name):
+        function = getattr(self.extension, name)
+        if name == "mixer_forward":
+            def counted(*args):
+                self.mixer_forwards += 1
+                return self._maybe_wrong(name, function(*args))
+            return counted
+        return lambda *args: self._maybe_wrong(name, function(*args))
+
+    def _maybe_wrong(self, name, result):
+        if name != self.wrong:
+            return result
+        first, *rest = result if isinstance(result, (tuple, list)) else (result,)
+        first = first * self.factor
+        return (first, *rest) if rest else first
+
+
+@pytest.fixture
+def kernels_on_cpu(emulated, fresh_override, monkeypatch):
+    """Dispatch as on a GPU, with CPU tensors and the extension the test installs (`install(wrong=...)`);
+    the first-call check's memory starts empty."""
+    monkeypatch.setattr(kernels, "_unsupported_reason", lambda *args: None)
+    monkeypatch.setattr(kernels, "_glu_unsupported_reason", lambda *args: None)
+    monkeypatch.setattr(kernels, "_agreement", {})
+    monkeypatch.setattr(kernels, "_disabled", {})
+    kernels._log_fallback_once.cache_clear()
+
+    def install(wrong: str | None = None) -> WrongExtension:
+        extension = WrongExtension(emulated, wrong)
+        monkeypatch.setattr(kernels, "cuda_extension", lambda: extension)
+        return extension
+
+    yield install
+    kernels._log_fallback_once.cache_clear()
+
+
+def guard_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "first-call check" in r.getMessage()]
+
+
+def test_first_call_check_passes_for_good_kernels_and_runs_once_per_kind(kernels_on_cpu, caplog):
+    extension = kernels_on_cpu()
+    case = mixer_case(2, 16, 100, torch.float32, "masked")
+    with torch.no_grad():
+        first = kernels.monarch_mixer_core(*case)
+        assert extension.mixer_forwards == 2  # the check's kernel run, then the call itself
+        assert torch.equal(kernels.monarch_mixer_core(*case), first)
+        assert extension.mixer_forwards == 3  # checked once for this kind
+        assert torch.equal(first, kernels.fused_monarch_mixer_core(*case, extension=extension))  # the kernel path
+        kernels.monarch_mixer_core(*mixer_case(1, 16, 1000, torch.float32, "masked"))  # another transform size
+    assert extension.mixer_forwards == 4 + 2
+    assert not guard_warnings(caplog)
+
+
+@pytest.mark.parametrize("wrong, what", [("mixer_forward", "output"), ("mixer_backward", "gradient of projected")])
+def test_wrong_mixer_kernels_fall_back_in_auto_mode_with_one_warning(kernels_on_cpu, caplog, wrong, what):
+    kernels_on_cpu(wrong=wrong)
+    case = mixer_case(2, 16, 100, torch.float32, "masked")
+    reference = monarch_mixer_core(*case)
+    assert torch.equal(kernels.monarch_mixer_core(*case, implementation="auto"), reference)
+    (warning,) = guard_warnings(caplog)
+    assert f"the {what} differs from the PyTorch path's" in warning and "monarch_mixer_core" in warning
+    # Off for the whole process: other kinds take the PyTorch path without checking or warning again.
+    other = mixer_case(1, 16, 300, torch.float32, "reference")
+    assert torch.equal(kernels.monarch_mixer_core(*other), monarch_mixer_core(*other))
+    assert len(guard_warnings(caplog)) == 1
+
+
+def test_wrong_kernels_raise_in_cuda_mode(kernels_on_cpu):
+    kernels_on_cpu(wrong="mixer_forward")
+    with pytest.raises(kernels.KernelsUnavailable, match="is cuda but .*first-call check: on a float32 check input"):
+        kernels.monarch_mixer_core(*mixer_case(1, 16, 100, torch.float32, "masked"), implementation="cuda")
+
+
+def test_the_bfloat16_check_accepts_the_kernels_and_rejects_a_one_percent_error(kernels_on_cpu, caplog):
+    kernels_on_cpu()
+    case = mixer_case(2, 16, 200, torch.bfloat16, "masked")
+    assert not torch.equal(kernels.monarch_mixer_core(*case), monarch_mixer_core(*case))  # kernel path
+    assert not guard_warnings(caplog)
+    extension = kernels_on_cpu(wrong="mixer_forward")
+    extension.factor = 1.02  # twice the bf16 tolerance
+    kernels._agreement.clear()
+    assert torch.equal(kernels.monarch_mixer_core(*case), monarch_mixer_core(*case))
+    assert "bfloat16 check input" in guard_warnings(caplog)[0]
+
+
+def test_wrong_glu_kernel_falls_back_and_leaves_the_mixer_on(kernels_on_cpu, caplog):
+    extension = kernels_on_cpu(wrong="gelu_gate_backward")
+    case = glu_case((2, 37), 64, 128, 4, torch.float32)
+    assert torch.equal(kernels.block_diagonal_glu(*case), kernels.torch_block_diagonal_glu(*case))
+    (warning,) = guard_warnings(caplog)
+    assert "block_diagonal_glu" in warning and "gradient of a " in warning
+    kernels.monarch_mixer_core(*mixer_case(1, 16, 100, torch.float32, "masked"))
+    assert extension.mixer_forwards == 2  # the mixer was checked and used
+
+
+def test_first_call_check_inside_activation_checkpointing_and_inference_mode(kernels_on_cpu, caplog):
+    """The check runs its own backward wherever the first call happens: inside a checkpointed layer during
+    training (whose saved-tensor hooks must not apply to it) or under inference_mode."""
+    extension = kernels_on_cpu()
+    torch.manual_seed(0)
+    model = M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", hidden_dropout_prob=0.0))
+    model.gradient_checkpointing_enable()
+    input_ids = torch.randint(1000, 2000, (2, 70))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 50:] = 0
+    model.train()
+
+    def gradients(implementation):
+        model.config.kernel_implementation = implementation
+        model.zero_grad()
+        model(input_ids, attention_mask).pooler_output.sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    through_kernels = gradients("auto")
+    assert extension.mixer_forwards == 1 + 2 + 2  # the check, 2 layers, 2 layers recomputed in backward
+    reference = gradients("torch")
+    assert through_kernels.keys() == reference.keys()
+    assert max(relative_error(through_kernels[k], reference[k]) for k in reference) < 1e-4
+    kernels._agreement.clear()
+    model.eval()
+    with torch.inference_mode():
+        model(input_ids, attention_mask)
+    assert not guard_warnings(caplog)
+
+
 # --- the CUDA build ----------------------------------------------------------------------------------------
 
 def cuda_home() -> str | None:

@@ -91,6 +91,17 @@ def test_auto_mode_takes_the_kernels_for_cuda_tensors(extension):
         assert not torch.equal(dispatched, monarch_mixer_core(*case))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_first_call_check_accepts_the_kernels_on_this_gpu(extension, dtype):
+    """The check every process runs before its first kernel call of a kind must pass where the kernels are
+    right (else auto mode would silently fall back to the PyTorch path)."""
+    device = torch.device("cuda")
+    for length in (128, 1000, 32768):
+        for residual, masked in ((True, True), (False, False)):
+            assert kernels._mixer_agreement(dtype, device, length, residual, masked) is None
+    assert kernels._glu_agreement(dtype, device, (4, 1536, 192), (4, 192, 768), True) is None
+
+
 @pytest.mark.parametrize("padding_mode", ["reference", "masked"])
 def test_whole_model_agrees_between_the_two_paths(extension, padding_mode):
     config = M2BertConfig.from_preset("m2-bert-80M-2k", num_hidden_layers=2, hidden_dropout_prob=0.0,
