@@ -45,7 +45,8 @@ def launch_environment() -> LaunchEnvironment:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +71,7 @@ def init_distributed(device_kind: str = "auto") -> torch.device:
     if "RANK" not in os.environ:  # plain `python`: a group of one, so the same code path runs everywhere
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     env = launch_environment()
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
@@ -103,15 +104,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of `values` over all ranks, as a float64 CPU tensor (a copy; the input may live anywhere)."""
-    total = values.detach().to(torch.float64, copy=True)
+def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """The sum (or another `op`, e.g. `dist.ReduceOp.MAX`) of `values` over all ranks, as a float64 CPU tensor
+    (a copy; the input may live anywhere)."""
+    result = values.detach().to(torch.float64, copy=True)
     if dist.is_initialized():
         # NCCL reduces CUDA tensors only, gloo CPU ones.
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        total = total.to(device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.cpu()
+        result = result.to(device)
+        dist.all_reduce(result, op=op)
+    return result.cpu()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
