@@ -1,9 +1,11 @@
 """Resumable DeepSpeed checkpoints and `save_pretrained` exports.
 
 A checkpoint is DeepSpeed's own (model, ZeRO optimizer partitions, lr scheduler) under `<dir>/<tag>/`,
-with the run's `client_state` (step, data-loader position, ...) inside it, plus one `rng_rank{r}.pt`
-per rank holding that rank's random-number state, so that a resumed run draws the same dropout and
-masking as an uninterrupted one. DeepSpeed's `latest` file names the newest complete checkpoint.
+with the run's state inside it as DeepSpeed's `client_state` (the trainer's step and the task's
+`state_dict`, e.g. the data-loader position), plus one `rng_rank{r}.pt` per rank holding that rank's
+random-number state and the task's per-rank tensors (e.g. its masking generator), so that a resumed run
+draws the same batches, dropout and masking as an uninterrupted one. DeepSpeed's `latest` file names the
+newest complete checkpoint. `train.trainer.Trainer` is the only caller.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
 class CheckpointManager:
     """Saves, finds, loads and prunes the DeepSpeed checkpoints of one run directory.
 
-    `rank_state` hooks add per-rank tensors (e.g. a masking generator's state) to each rank's file.
+    `rank_state` adds per-rank tensors (e.g. a masking generator's state) to each rank's file.
     """
 
     def __init__(self, directory: str | Path, keep_last: int):

@@ -12,6 +12,7 @@ then turned into typed dataclasses: an unknown or mistyped key is an error that 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -162,7 +163,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """A copy of `values` with each `dotted.key=yaml_value` override applied (intermediate mappings created)."""
-    merged = _deep_copy(values)
+    merged = copy.deepcopy(values)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -277,10 +278,3 @@ def _coerce(hint, value, where: str, key: str):
         raise ConfigError(f"{where}: {key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
     return value
 
-
-def _deep_copy(values):
-    if isinstance(values, dict):
-        return {k: _deep_copy(v) for k, v in values.items()}
-    if isinstance(values, list):
-        return [_deep_copy(v) for v in values]
-    return values

@@ -27,7 +27,6 @@ class LaunchEnvironment:
     rank: int
     local_rank: int
     world_size: int
-    local_world_size: int
 
     @property
     def is_main(self) -> bool:
@@ -36,13 +35,8 @@ class LaunchEnvironment:
 
 def launch_environment() -> LaunchEnvironment:
     """Rank and world size from the launcher's variables (one process when there is no launcher)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return LaunchEnvironment(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world_size,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
-    )
+    return LaunchEnvironment(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def free_port() -> int:

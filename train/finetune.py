@@ -20,14 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`deepspeed train/finetune.py`): this file's repository first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train import trainer
-from train.retrieval_task import FinetuneConfig, RetrievalTask
-
-
-def main(argv: list[str] | None = None) -> int:
-    return trainer.main(argv, FinetuneConfig, RetrievalTask, __doc__.split("\n\n")[0], "configs/finetune_*.yaml",
-                    "loss.name=mnrl training.micro_batch_size=2 output.dir=runs/x")
-
+from train.retrieval_task import RetrievalTask
+from train.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:], RetrievalTask, __doc__))

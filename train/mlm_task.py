@@ -75,6 +75,7 @@ def build_model(section: ModelSection, seq_len: int) -> M2BertForMaskedLM:
 class MaskedLMTask(Task):
     """Masked-LM pretraining from the mixture's streams (module docstring)."""
 
+    config_class = PretrainConfig
     name = "pretrain"
     title = "M2-BERT MLM pretraining"
     headline_metrics = ("loss", "accuracy")

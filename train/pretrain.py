@@ -19,14 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`deepspeed train/pretrain.py`): this file's repository first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train import trainer
-from train.mlm_task import MaskedLMTask, PretrainConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    return trainer.main(argv, PretrainConfig, MaskedLMTask, __doc__.split("\n\n")[0], "configs/pretrain_*.yaml",
-                    "training.max_steps=100 output.dir=runs/x")
-
+from train.mlm_task import MaskedLMTask
+from train.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:], MaskedLMTask, __doc__))

@@ -220,8 +220,3 @@ class BatchPlan:
 def fingerprint(units: list) -> str:
     """A digest of the unit list, to refuse resuming a checkpoint with different examples."""
     return hashlib.sha256("\n".join(map(repr, units)).encode()).hexdigest()[:16]
-
-
-def fingerprint(units: list) -> str:
-    """A digest of the unit list, to refuse resuming a checkpoint with different examples."""
-    return hashlib.sha256("\n".join(map(repr, units)).encode()).hexdigest()[:16]

@@ -150,6 +150,7 @@ def heldout_metrics(encoder: TextEncoder, examples: list[RetrievalExample], text
 class RetrievalTask(Task):
     """Retrieval fine-tuning on LoCo-format examples (module docstring)."""
 
+    config_class = FinetuneConfig
     title = "retrieval fine-tuning"
     headline_metrics = ("loss", "margin")
     evaluate_before_training = True

@@ -41,14 +41,21 @@ Backward = Callable[[torch.Tensor], None]
 
 
 class Task:
-    """What a training job adds to the `Trainer`; subclasses set the attributes and implement the methods that
-    have no default. `name` labels the progress bar and the summary, `title` the curves; `headline_metrics`
-    are shown on the progress bar and plotted; `total_steps` is the length of the run and its schedule."""
+    """What a training job adds to the `Trainer`, constructed as `task_class(config, env, device)`. Subclasses
+    set the attributes and implement the methods that have no default.
 
+    `config_class` is the job's config schema; `name` labels the progress bar and the summary, `title` the
+    curves; `headline_metrics` are shown on the progress bar and plotted; `total_steps` is the length of the
+    run and its schedule; `backward_calls` is how many times each micro-step calls `backward` (more than one
+    when it back-propagates its micro-batch in pieces, as gradient caching does).
+    """
+
+    config_class: type[RunConfig]
     name: str
     title: str
     headline_metrics: tuple[str, ...] = ("loss",)
     evaluate_before_training: bool = False  # a starting point to compare with
+    backward_calls: int = 1
     total_steps: int
 
     def build_model(self) -> torch.nn.Module:
@@ -56,9 +63,9 @@ class Task:
         raise NotImplementedError
 
     def micro_step(self, step: int, index: int, model: Callable, backward: Backward) -> dict[str, float]:
-        """Run micro-batch `index` of optimizer step `step` on this rank through `model` and turn its loss into
-        gradients with `backward(loss)` (once, or several times). Returns values to log, summed over
-        micro-steps and ranks until the next log line (the same keys, in the same order, every time)."""
+        """Run micro-batch `index` of optimizer step `step` on this rank through `model` and call
+        `backward(loss)` `backward_calls` times, with losses that add up to the micro-batch's. Returns values
+        to log, summed over micro-steps and ranks until the next log line (the same keys every time)."""
         raise NotImplementedError
 
     def interval_metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
@@ -70,7 +77,7 @@ class Task:
         return None
 
     def state_dict(self) -> dict:
-        """What the task needs to resume exactly, the same on every rank, as plain data."""
+        """What the task needs to resume exactly and is the same on every rank, as plain data."""
         return {}
 
     def rank_state_dict(self) -> dict[str, torch.Tensor]:
@@ -78,8 +85,8 @@ class Task:
         return {}
 
     def load_state_dict(self, state: dict, rank_state: dict[str, torch.Tensor]) -> None:
-        """Restore both states (`rank_state` is empty when the checkpoint has none for this rank); raise
-        ValueError when the checkpoint was written for other data."""
+        """Restore both (`rank_state` is empty when the checkpoint has none for this rank); ValueError when the
+        checkpoint was written for other data."""
 
     def fresh_model(self) -> torch.nn.Module:
         """A model of the trained one's class and config on CPU, to receive the full fp32 weights for export."""
@@ -94,26 +101,22 @@ class Task:
 
 
 class IntervalSums:
-    """The tasks' micro-step sums since the last log line (float64), and when the interval started."""
+    """The task's micro-step values summed since the last log line (in float64), and when the interval started."""
 
     def __init__(self):
-        self.keys: list[str] = []
-        self.values = torch.zeros(0, dtype=torch.float64)
+        self.sums: dict[str, float] = {}
         self.started = time.perf_counter()
 
-    def add(self, sums: dict[str, float]) -> None:
-        if not self.keys:
-            self.keys = list(sums)
-            self.values = torch.zeros(len(self.keys), dtype=torch.float64)
-        self.values += torch.tensor([sums[key] for key in self.keys], dtype=torch.float64)
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
     def reduce(self) -> tuple[dict[str, float], float]:
         """Collective: the interval's sums over all ranks and its seconds; starts the next interval."""
-        total = all_reduce(self.values).tolist()
+        total = all_reduce(torch.tensor(list(self.sums.values()), dtype=torch.float64)).tolist()
         seconds = time.perf_counter() - self.started
-        self.values.zero_()
-        self.started = time.perf_counter()
-        return dict(zip(self.keys, total)), seconds
+        sums, self.sums, self.started = dict(zip(self.sums, total)), {}, time.perf_counter()
+        return sums, seconds
 
 
 class Trainer:
@@ -137,13 +140,14 @@ class Trainer:
                                         optimizer_config.final_lr_fraction)
         self.precision = resolve_precision(training.precision, device)
         ds_config = deepspeed_config(config.deepspeed, micro_batch_size=training.micro_batch_size,
-                                     gradient_accumulation_steps=self.accumulation_steps,
+                                     gradient_accumulation_steps=self.accumulation_steps * task.backward_calls,
                                      precision=self.precision, world_size=self.env.world_size)
         self.engine = initialize_engine(model, optimizer, scheduler, ds_config)
         torch.manual_seed(training.seed + 1000 * (self.env.rank + 1))  # distinct dropout stream per rank
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", training.keep_last)
         self.step = 0
         self.resumed_from: int | None = None
+        self._backward_calls = 0
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -159,6 +163,8 @@ class Trainer:
             logger.info("no checkpoint in %s: starting from step 0", self.checkpoints.directory)
             return False
         state, rank_state = self.checkpoints.load(self.engine, tag)
+        if "task" not in state:
+            raise ValueError(f"{self.checkpoints.directory / tag}: not a checkpoint of train.trainer (no task state)")
         if state["world_size"] != self.env.world_size:
             logger.warning("resuming a %d-process run with %d processes: the data order stays the same, but the "
                            "random streams (dropout, masking) differ", state["world_size"], self.env.world_size)
@@ -170,12 +176,23 @@ class Trainer:
         return True
 
     # --- training ---------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of (a share of) a micro-batch's loss, averaged over the accumulation steps. DeepSpeed counts
+        each call as one of its micro-steps (hence `backward_calls` x accumulation steps in its config; calling
+        its `backward` twice per `step()` would lose gradients under ZeRO 1 and 2), and after the last call of
+        an optimizer step it reduces the gradients over ranks and updates the weights."""
+        self._backward_calls += 1
+        self.engine.backward(loss / self.accumulation_steps, scale_wrt_gas=False)
+        self.engine.step()
+
     def train_step(self, interval: IntervalSums) -> None:
-        """One optimizer step: the task's micro-steps on this rank, each followed by the engine's step
-        (DeepSpeed accumulates gradients and updates the weights after the last)."""
+        """One optimizer step: the task's micro-steps on this rank."""
         for index in range(self.accumulation_steps):
-            interval.add(self.task.micro_step(self.step, index, self.engine, self.engine.backward))
-            self.engine.step()
+            self._backward_calls = 0
+            interval.add(self.task.micro_step(self.step, index, self.engine, self.backward))
+            if self._backward_calls != self.task.backward_calls:
+                raise RuntimeError(f"{type(self.task).__name__}.micro_step called backward {self._backward_calls} "
+                                   f"times; the task declares backward_calls={self.task.backward_calls}")
         self.step += 1
 
     def log_train(self, interval: IntervalSums, metrics_log: MetricsLogger, bar) -> dict[str, float]:
@@ -263,29 +280,25 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_arguments(argv: list[str] | None, description: str, config_pattern: str,
-                    override_example: str) -> argparse.Namespace:
+def main(argv: list[str] | None, task_class: type[Task], description: str) -> int:
+    """The training command of a task (`train.pretrain`, `train.finetune`; `description`: its usage text).
+
+    Loads the config, joins the process group, records the resolved config in the run directory, starts
+    or resumes the run, prints the summary on rank 0 and leaves the group. Exit status 1 when the last
+    training loss is not finite."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=f"YAML run config ({config_pattern})")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {override_example}")
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. training.max_steps=100 output.dir=runs/x")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory (fresh start if none)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
                         help="checkpoint and stop after this many optimizer steps (as if preempted)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: list[str] | None, config_class: type[RunConfig], task_class: Callable[..., Task], description: str,
-         config_pattern: str, override_example: str) -> int:
-    """The training command (`train.pretrain`, `train.finetune`): `--config FILE [KEY=VALUE ...] [--resume]
-    [--stop-after-steps K]`. Loads the config, joins the process group, records the resolved config in the
-    run directory, starts or resumes the run, prints the summary on rank 0 and leaves the group. Exit status
-    1 when the last training loss is not finite."""
-    args = parse_arguments(argv, description, config_pattern, override_example)
+    args = parser.parse_intermixed_args(argv)
     env = launch_environment()
     setup_logging(env.rank)
-    config = load_config(config_class, args.config, args.overrides)
+    config = load_config(task_class.config_class, args.config, args.overrides)
     device = init_distributed(config.training.device)
     output_dir = Path(config.output.dir)
     if env.is_main:
