@@ -221,8 +221,7 @@ class RetrievalTask(Task):
                                data.query_max_length, data.document_max_length)
 
     def state_dict(self) -> dict:
-        return {"units": len(self.units), "units_fingerprint": self.units_fingerprint,
-                "global_batch_size": self.plan.batch_size}
+        return {"units_fingerprint": self.units_fingerprint, "global_batch_size": self.plan.batch_size}
 
     def load_state_dict(self, state: dict, rank_state: dict[str, torch.Tensor]) -> None:
         for key, expected in (("units_fingerprint", self.units_fingerprint),
