@@ -42,11 +42,12 @@ def run_case(name: str, steps: int, device_kind: str, threads: int | None) -> di
     if threads:
         torch.set_num_threads(threads)
 
+    from train.config import HyenaGroupConfig, OptimizerConfig
     from train.distributed import deepspeed_config, init_distributed, initialize_engine, resolve_precision
-    from train.logging_utils import peak_memory_bytes
+    from train.memory import peak_memory_bytes
     from train.mlm_data import MLMMasker
-    from train.optim import HyenaGroupConfig, OptimizerConfig, build_adamw, linear_warmup_decay
-    from train.pretrain import ModelSection, build_model
+    from train.mlm_task import ModelSection, build_model
+    from train.optim import build_adamw, linear_warmup_decay
 
     preset, seq_len, micro_batch, checkpointing = CASES[name]
     device = init_distributed(device_kind)

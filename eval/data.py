@@ -174,27 +174,33 @@ def _data_files(folder: Path, stem: str) -> list[Path]:
 def read_records(path: Path, kind: str) -> list[_Row]:
     """The records of a `.jsonl`, `.jsonl.gz` or `.parquet` file of `kind` (e.g. "documents"); an
     empty file is an error (a truncated download or an export that went wrong)."""
-    rows = _read_parquet(path) if path.name.endswith(".parquet") else list(_read_json_lines(path))
+    if path.name.endswith(".parquet"):
+        rows = _read_parquet(path)
+    else:
+        rows = [_Row(record, str(path), f"line {number}") for number, record in read_json_lines(path)]
     if not rows:
         raise LocoDataError(f"{path}: the file is empty (expected {kind} records)")
     return rows
 
 
-def _read_json_lines(path: Path) -> Iterator[_Row]:
+def read_json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file (gzipped when its name ends in .gz).
+    A line that is not a JSON object, or a file that cannot be read, is a `LocoDataError` (a ValueError)
+    naming the file and the line."""
+    path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                row = _Row({}, str(path), f"line {number}")
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise LocoDataError(f"{row.where}: not valid JSON ({err.msg})") from err
+                    raise LocoDataError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
                 if not isinstance(record, dict):
-                    raise LocoDataError(f"{row.where}: expected a JSON object, got {type(record).__name__}")
-                yield dataclasses.replace(row, values=record)
+                    raise LocoDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+                yield number, record
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise LocoDataError(f"{path}: cannot be read: {err}") from err
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from train.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -61,10 +62,7 @@ def torchrun_pretrain(*args: str, nproc: int = 2) -> str:
 def deepspeed_pretrain(*args: str, nproc: int = 2) -> str:
     """`deepspeed --num_gpus N train/pretrain.py ARGS` with the tiny config: DeepSpeed's own launcher, which
     on CPU starts N gloo processes (one OpenMP thread each, as torchrun does, for the same numerics)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return run_checked([str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+    return run_checked([str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
                         str(REPO / "train" / "pretrain.py"), "--config", str(TINY_CONFIG), *args],
                        env=cpu_env(OMP_NUM_THREADS="1"))
 

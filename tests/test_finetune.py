@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from train.distributed import free_port
 from train.logging_utils import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +33,6 @@ def tiny_export(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("pretrained") / "tiny"
     M2BertForMaskedLM(M2BertConfig.from_preset("m2-bert-tiny")).save_pretrained(directory)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def finetune(config: Path, overrides: list[str], *flags: str, processes: int = 1, timeout: int = 300) -> dict:
@@ -121,8 +115,8 @@ def test_minilm_learns_and_exports_a_sentence_transformer(tmp_path):
     summary = finetune(MINILM_CONFIG, [
         f"output.dir={run_dir}", "data.max_documents=16", "data.max_queries=null", "data.heldout_queries=32",
         "data.query_max_length=64", "data.document_max_length=128", "negatives.per_positive=4",
-        "loss.repeat_positive=false", "training.batch_size=8", "training.max_steps=20", "training.eval_every=100",
-        "optimizer.lr=1e-4"])
+        "loss.repeat_positive=false", "training.global_batch_size=8", "training.max_steps=20",
+        "training.eval_every=100", "optimizer.lr=1e-4"])
     assert summary["finished"]
     assert_heldout_improved(summary, margin_gain=0.03)
     assert_logged(run_dir)
@@ -144,7 +138,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_negatives(tiny_export, tmp
         summary = finetune(TINY_CONFIG, [*common, f"output.dir={tmp_path / name}",
                                          f"negatives.per_positive={negatives}",
                                          f"training.micro_batch_size={micro_batch_size}",
-                                         f"training.batch_size={micro_batch_size * 4}"], "--stop-after-steps",
+                                         f"training.global_batch_size={micro_batch_size * 4}"], "--stop-after-steps",
                            str(steps))
         return summary["peak_memory_bytes"]
 
@@ -158,7 +152,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_negatives(tiny_export, tmp
 
 def test_stopped_and_resumed_two_process_run_matches_the_uninterrupted_one(tiny_export, tmp_path):
     common = [f"model.name_or_path={tiny_export}", "loss.name=mnrl", "training.micro_batch_size=2",
-              "training.batch_size=8", "training.max_steps=6", "training.checkpoint_every=100",
+              "training.global_batch_size=8", "training.max_steps=6", "training.checkpoint_every=100",
               "training.eval_every=100", "data.heldout_queries=4", "output.tensorboard=false"]
     whole = finetune(TINY_CONFIG, [*common, f"output.dir={tmp_path / 'whole'}"], processes=2)
     resumed_dir = tmp_path / "resumed"

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from eval.data import LocoTask, load_tasks
-from train.config import ConfigError
-from train.finetune import BatchPlan, load_finetune_config, weight_decay_groups
-from train.retrieval_examples import (NegativeSampler, RetrievalExample, build_examples, labelled_pairs, shuffled,
-                                      split_queries, triplets)
+from train.config import ConfigError, OptimizerConfig, load_config
+from train.optim import parameter_groups
+from train.retrieval_examples import (BatchPlan, NegativeSampler, RetrievalExample, build_examples, labelled_pairs,
+                                      shuffled, split_queries, triplets)
+from train.retrieval_task import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,19 @@ def test_bm25_negatives_are_the_lexically_closest_irrelevant_documents():
     assert example.negative_pids == ("close", "middle")
 
 
+def test_bm25_negatives_are_ranked_as_the_bm25_baseline_of_eval_loco():
+    from eval.bm25 import BM25Retriever
+
+    documents = {"answer": "the railways budgets were approved", "singular": "a railway budget",
+                 "budget": "a budget for the kitchen", "unrelated": "penguins swim in cold water"}
+    task = make_task("t", documents, {"q": ("railway budgets", ["answer"])})
+    (example,) = build_examples([("t", "q")], NegativeSampler([task], count=3, kind="bm25"), [task])
+    # Stemmed as the baseline's analyser: "budgets" matches "budget"; a document sharing no term never ranks.
+    assert example.negative_pids == ("singular", "budget")
+    ranking = BM25Retriever(show_progress=False).retrieve(task, top_k=4)["q"]
+    assert [pid for pid in ranking if pid != "answer"] == list(example.negative_pids)
+
+
 def test_pair_and_triplet_layouts():
     example = RetrievalExample("t", "q", "pos", ("n1", "n2", "n3"))
     pairs = labelled_pairs([example])
@@ -120,25 +134,30 @@ def test_no_weight_decay_on_biases_and_layer_norms():
     from model import M2BertConfig, M2BertModel
 
     model = M2BertModel(M2BertConfig.from_preset("m2-bert-tiny"))
-    groups = {g["name"]: g for g in weight_decay_groups(model, 0.01)}
+    groups = {g["name"]: g for g in parameter_groups(model, OptimizerConfig(weight_decay=0.01,
+                                                                           decay_biases_and_norms=False))}
     names = {id(p): n for n, p in model.named_parameters()}
     undecayed = {names[id(p)] for p in groups["no_decay"]["params"]}
-    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.01
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["base"]["weight_decay"] == 0.01
     assert "embeddings.layer_norm.weight" in undecayed and "pooler.dense.bias" in undecayed
     assert "layers.0.sequence_mixer.long_conv.d_skip" in undecayed
     assert "pooler.dense.weight" not in undecayed and "embeddings.word_embeddings.weight" not in undecayed
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
-    assert isinstance(groups["decay"]["params"][0], torch.nn.Parameter)
+    assert isinstance(groups["base"]["params"][0], torch.nn.Parameter)
 
 
 def test_shipped_configs_load_and_errors_name_the_key(tmp_path):
-    for path in sorted((REPO / "configs").glob("finetune_*.yaml")):
-        config = load_finetune_config(path)
-        assert config.training.batch_size % config.training.micro_batch_size == 0, path
+    for path in sorted((REPO / "configs").glob("*finetune*.yaml")):
+        config = load_config(FinetuneConfig, path)
+        assert config.training.global_batch_size % config.training.micro_batch_size == 0, path
+        assert not config.optimizer.decay_biases_and_norms and config.optimizer.betas == (0.9, 0.999), path
+    with pytest.raises(ConfigError, match=r"finetune_tiny_m2_qmsum.yaml: training\.batch_size was renamed "
+                                          r"training\.global_batch_size"):
+        load_config(FinetuneConfig, REPO / "configs" / "finetune_tiny_m2_qmsum.yaml", ["training.batch_size=8"])
     with pytest.raises(ConfigError, match="loss name .triplet."):
-        load_finetune_config(REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["loss.name=triplet"])
+        load_config(FinetuneConfig, REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["loss.name=triplet"])
     with pytest.raises(ConfigError, match=r"negatives.per_query"):
-        load_finetune_config(REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["negatives.per_query=3"])
+        load_config(FinetuneConfig, REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["negatives.per_query=3"])
 
 
 def test_m2_export_is_an_m2_checkpoint_and_a_sentence_transformer(tmp_path):

@@ -10,20 +10,20 @@ import torch
 from pretrain_fixtures import mixture_128  # noqa: F401  (fixture)
 
 from model import M2BertConfig, M2BertForMaskedLM
-from train.config import ConfigError
+from train.config import ConfigError, HyenaGroupConfig, OptimizerConfig, load_config
 from train.distributed import deepspeed_config
 from train.mlm_data import DataConfig, MLMMasker, PaddingCollator, eval_samples
-from train.optim import HyenaGroupConfig, OptimizerConfig, hyena_param_groups, linear_warmup_decay
-from train.pretrain import load_pretrain_config
+from train.mlm_task import PretrainConfig
+from train.optim import linear_warmup_decay, parameter_groups
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((REPO / "configs").glob("pretrain_*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*pretrain*.yaml"))
 RECIPE = OptimizerConfig(hyena_filter=HyenaGroupConfig(1e-3, 0.1), hyena_positional=HyenaGroupConfig(1e-5, 0.0))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_pretrain_config_parses(path):
-    config = load_pretrain_config(path)
+    config = load_config(PretrainConfig, path)
     assert config.optimizer.betas == (0.9, 0.98) and config.deepspeed["gradient_clipping"] == 1.0
     assert config.data.mlm_probability == 0.30 and config.data.eval_mlm_probability == 0.15
     assert config.optimizer.hyena_filter == HyenaGroupConfig(1e-3, 0.1)
@@ -32,25 +32,26 @@ def test_every_pretrain_config_parses(path):
 
 def test_overrides_are_typed_and_unknown_keys_are_named(tmp_path):
     tiny = REPO / "configs" / "pretrain_tiny.yaml"
-    config = load_pretrain_config(tiny, ["training.max_steps=7", "optimizer.lr=1e-4", "deepspeed.zero_optimization.stage=1"])
+    config = load_config(PretrainConfig, tiny, ["training.max_steps=7", "optimizer.lr=1e-4",
+                                                "deepspeed.zero_optimization.stage=1"])
     assert config.training.max_steps == 7 and config.optimizer.lr == 1e-4
     assert config.deepspeed["zero_optimization"]["stage"] == 1
     with pytest.raises(ConfigError, match=r"pretrain_tiny.yaml.*training\.max_stpes"):
-        load_pretrain_config(tiny, ["training.max_stpes=7"])
+        load_config(PretrainConfig, tiny, ["training.max_stpes=7"])
     with pytest.raises(ConfigError, match=r"training\.max_steps must be int"):
-        load_pretrain_config(tiny, ["training.max_steps=many"])
+        load_config(PretrainConfig, tiny, ["training.max_steps=many"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        load_pretrain_config(tiny, ["training.max_steps"])
+        load_config(PretrainConfig, tiny, ["training.max_steps"])
     with pytest.raises(ConfigError, match="exactly one of model.preset and model.init_from"):
-        load_pretrain_config(tiny, ["model.init_from=somewhere"])
+        load_config(PretrainConfig, tiny, ["model.init_from=somewhere"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
-        load_pretrain_config(bad)
+        load_config(PretrainConfig, bad)
 
 
 def test_global_batch_size_sets_accumulation_per_world_size():
-    training = load_pretrain_config(REPO / "configs" / "pretrain_80M_8k.yaml").training
+    training = load_config(PretrainConfig, REPO / "configs" / "pretrain_80M_8k.yaml").training
     assert training.accumulation_steps(world_size=8) == 64 // (4 * 8)
     assert training.accumulation_steps(world_size=16) == 1
     with pytest.raises(ValueError, match="not a multiple"):
@@ -59,7 +60,7 @@ def test_global_batch_size_sets_accumulation_per_world_size():
 
 def test_hyena_parameter_groups_follow_the_recipe():
     model = M2BertForMaskedLM(M2BertConfig.from_preset("m2-bert-tiny", max_position_embeddings=64))
-    groups = {g["name"]: g for g in hyena_param_groups(model, RECIPE)}
+    groups = {g["name"]: g for g in parameter_groups(model, RECIPE)}
     names = {id(p): n for n, p in model.named_parameters()}
     members = {name: {names[id(p)] for p in g["params"]} for name, g in groups.items()}
     assert (groups["hyena_filter"]["lr"], groups["hyena_filter"]["weight_decay"]) == (1e-3, 0.1)

@@ -15,8 +15,15 @@ import re
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 from pretrain_fixtures import REPO, VENV_BIN, cpu_env, mixture_128, run_checked  # noqa: F401  (fixture)
+from safetensors.torch import load_file
+
+from train.checkpointing import CheckpointManager
+from train.logging_utils import read_metrics
 
 SCRIPTS = ("pretrain_8k.sh", "pretrain_32k.sh", "finetune.sh", "eval_loco.sh")
 pytestmark = pytest.mark.timeout(900)
@@ -73,15 +80,24 @@ def test_headers_and_no_hard_coded_paths(name):
 
 @pytest.fixture(scope="module")
 def pretrain_8k(slurm_env, mixture_128, tmp_path_factory):  # noqa: F811
+    """The 8k script preempted after step 1 (`--stop-after-steps`, passed through), then requeued: the job
+    runs the same script again, which resumes."""
     out = tmp_path_factory.mktemp("slurm-runs") / "pretrain-8k"
-    sbatch_script("pretrain_8k.sh", slurm_env, *tiny_pretrain_args(mixture_128, out), CONFIG="configs/pretrain_tiny.yaml")
+    for extra in (["--stop-after-steps", "1"], []):
+        sbatch_script("pretrain_8k.sh", slurm_env, *tiny_pretrain_args(mixture_128, out), *extra,
+                      CONFIG="configs/pretrain_tiny.yaml")
     return out
 
 
-def test_pretrain_8k_script_trains_on_two_processes(pretrain_8k):
+def test_pretrain_8k_script_trains_on_two_processes_and_resumes_when_requeued(pretrain_8k):
     summary = json.loads((pretrain_8k / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["finished"]
-    assert (pretrain_8k / "final" / "model.safetensors").is_file()
+    assert summary["world_size"] == 2 and summary["finished"] and summary["step"] == summary["total_steps"] == 2
+    assert summary["resumed_from"] == 1 and summary["zero_stage"] == 2 and summary["global_batch_size"] == 16
+    assert [r["step"] for r in read_metrics(pretrain_8k, "train")] == [1, 2]
+    assert [r["step"] for r in read_metrics(pretrain_8k, "eval")] == [2]
+    assert CheckpointManager(pretrain_8k / "checkpoints", keep_last=2).tags() == ["step00000001", "step00000002"]
+    exported = load_file(pretrain_8k / "final" / "model.safetensors")
+    assert exported["m2_bert.embeddings.position_embeddings.weight"].shape == (128, 64)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +115,15 @@ def test_pretrain_32k_script_warm_starts_then_trains(pretrain_32k):
     assert (record["source_length"], record["length"]) == (128, 512)
     assert "warm-started 128 -> 512 positions" in output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["finished"]
+    assert summary["world_size"] == 2 and summary["finished"] and summary["step"] == 2
+    assert summary["resumed_from"] is None and summary["seq_len"] == 128  # the 128-token test mixture
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["init_from"] == str(warm)
     assert json.loads((out / "final" / "config.json").read_text())["max_position_embeddings"] == 512
+    trained, initial = load_file(out / "final" / "model.safetensors"), load_file(warm / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    assert all(trained[k].shape == initial[k].shape for k in trained)
+    assert not torch.equal(trained["m2_bert.embeddings.word_embeddings.weight"],
+                           initial["m2_bert.embeddings.word_embeddings.weight"])  # trained from the warm start
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +131,25 @@ def finetuned(slurm_env, pretrain_32k):
     out = pretrain_32k[0].parent / "finetune"
     sbatch_script("finetune.sh", slurm_env, f"model.name_or_path={pretrain_32k[0] / 'final'}", "data.max_queries=4",
                   "data.heldout_queries=2", "data.max_documents=8", "negatives.per_positive=1",
-                  "negatives.heldout_per_query=1", "training.batch_size=4", "training.max_steps=2",
+                  "negatives.heldout_per_query=1", "training.global_batch_size=4", "training.max_steps=2",
                   f"output.dir={out}", CONFIG="configs/finetune_minilm_qmsum_opl.yaml")
     return out
 
 
-def test_finetune_script_trains_the_pretrained_model(finetuned):
+def test_finetune_script_trains_the_pretrained_model(finetuned, pretrain_32k):
+    from model.encoders import M2Encoder, load_encoder
+
     summary = json.loads((finetuned / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    assert (finetuned / "final").is_dir()
+    assert summary["world_size"] == 2 and summary["finished"] and summary["step"] == summary["total_steps"] == 2
+    assert summary["loss"] == "opl" and summary["global_batch_size"] == 4 and summary["accumulation_steps"] == 2
+    assert [r["step"] for r in read_metrics(finetuned, "train")] == [1, 2]
+    assert [r["step"] for r in read_metrics(finetuned, "eval")] == [0, 2]  # before training and at the end
+    start = str(pretrain_32k[0] / "final")
+    assert yaml.safe_load((finetuned / "config.yaml").read_text())["model"]["name_or_path"] == start
+    encoder = load_encoder(str(finetuned / "final"))
+    assert isinstance(encoder, M2Encoder) and encoder.max_length == 512
+    texts = ["who proposed the budget?", "the committee discussed the budget of the remote control"]
+    assert not np.allclose(encoder.encode(texts), load_encoder(start).encode(texts), atol=1e-4)
 
 
 def test_eval_loco_script_shards_embedding_over_processes(slurm_env, finetuned):
@@ -126,8 +159,13 @@ def test_eval_loco_script_shards_embedding_over_processes(slurm_env, finetuned):
                            str(out / "results"), "--quiet")
     assert sorted(p.name for p in (out / "cache").glob("shard-*")) == [
         "shard-00000-of-00002.sqlite", "shard-00001-of-00002.sqlite"]
-    results = json.loads((out / "results" / "results.json").read_text())
-    assert results and "nDCG@10" in output
+    (sharded,) = json.loads((out / "results" / "results.json").read_text())["results"]
+    assert (sharded["n_queries"], sharded["n_documents"]) == (4, 8) and "nDCG@10" in output
+    # The same scores as one process embedding everything itself.
+    run_checked([str(VENV_BIN / "python"), "-m", "eval.loco", "--model", str(finetuned / "final"), "--max-queries",
+                 "4", "--max-documents", "8", "--no-cache", "--quiet", "--output-dir", str(out / "one-process")])
+    (single,) = json.loads((out / "one-process" / "results.json").read_text())["results"]
+    assert single["metrics"] == pytest.approx(sharded["metrics"], abs=1e-12)
 
 
 def test_eval_loco_script_without_arguments_explains_usage(slurm_env):

@@ -1,9 +1,11 @@
 """Resumable DeepSpeed checkpoints and `save_pretrained` exports.
 
 A checkpoint is DeepSpeed's own (model, ZeRO optimizer partitions, lr scheduler) under `<dir>/<tag>/`,
-with the run's `client_state` (step, data-loader position, ...) inside it, plus one `rng_rank{r}.pt`
-per rank holding that rank's random-number state, so that a resumed run draws the same dropout and
-masking as an uninterrupted one. DeepSpeed's `latest` file names the newest complete checkpoint.
+with the run's state inside it as DeepSpeed's `client_state` (the trainer's step and the task's
+`state_dict`, e.g. the data-loader position), plus one `rng_rank{r}.pt` per rank holding that rank's
+random-number state and the task's per-rank tensors (e.g. its masking generator), so that a resumed run
+draws the same batches, dropout and masking as an uninterrupted one. DeepSpeed's `latest` file names the
+newest complete checkpoint. `train.trainer.Trainer` is the only caller.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
 class CheckpointManager:
     """Saves, finds, loads and prunes the DeepSpeed checkpoints of one run directory.
 
-    `rank_state` hooks add per-rank tensors (e.g. a masking generator's state) to each rank's file.
+    `rank_state` adds per-rank tensors (e.g. a masking generator's state) to each rank's file.
     """
 
     def __init__(self, directory: str | Path, keep_last: int):
@@ -107,19 +109,19 @@ class CheckpointManager:
         return client_state or {}, state.get("extra", {})
 
 
-def export_pretrained(engine, build_model: Callable[[], torch.nn.Module], directory: str | Path,
-                      save: Callable[[torch.nn.Module, Path], None] | None = None) -> Path | None:
+def export_pretrained(engine, fresh_model: Callable[[], torch.nn.Module], save: Callable[[torch.nn.Module, Path], None],
+                      directory: str | Path) -> Path | None:
     """Collective: write the engine's model in fp32, whatever the ZeRO stage or precision, with
-    `save(model, directory)` (default: the model's `save_pretrained`; fine-tuning passes `TextEncoder.save`).
+    `save(model, directory)` (e.g. `save_pretrained`, or `TextEncoder.save` for fine-tuned encoders).
 
-    `build_model` makes a fresh model of the same class and config on CPU; it receives the full fp32
+    `fresh_model` makes a model of the same class and config on CPU; it receives the full fp32
     parameters and keeps its own freshly computed buffers (the Hyena time grid and decay rates are
     functions of the config, and in bf16 training the engine's copies are rounded).
     """
     state = gather_full_state_dict(engine)
     path = None
     if is_main_process():
-        model = build_model()
+        model = fresh_model()
         missing, unexpected = model.load_state_dict(state, strict=False)
         buffers = {name for name, _ in model.named_buffers()}
         tied = set(getattr(model, "tied_weight_keys", ()))
@@ -128,10 +130,7 @@ def export_pretrained(engine, build_model: Callable[[], torch.nn.Module], direct
             raise RuntimeError(f"export to {directory}: parameters do not match the model "
                                f"(missing {missing}, unexpected {unexpected})")
         path = Path(directory)
-        if save is None:
-            model.save_pretrained(path)
-        else:
-            save(model, path)
+        save(model, path)
         logger.info("exported %s to %s", type(model).__name__, path)
     barrier()
     return path

@@ -1,25 +1,148 @@
-"""YAML run configs with `section.key=value` command-line overrides, checked against dataclass schemas.
+"""Run configs: YAML files with `section.key=value` command-line overrides, checked against dataclass schemas,
+and the sections every training run shares.
 
 A run reads one YAML file; each override replaces one (possibly nested) key, its value parsed as YAML
 (`training.max_steps=100`, `optimizer.betas=[0.9,0.95]`, `output.dir=runs/x`). The merged mapping is
 then turned into typed dataclasses: an unknown or mistyped key is an error that names the file and key.
+
+`RunConfig` holds the shared sections (`training`, `optimizer`, `deepspeed`, `output`), which
+`train.trainer.Trainer` reads; a task's config subclasses it and adds only its own sections
+(`train.mlm_task.PretrainConfig`, `train.retrieval_task.FinetuneConfig`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
+DEVICES = ("auto", "cpu", "cuda")
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the source and the key."""
+
+
+@dataclass
+class TrainingSection:
+    """Batching, duration, seed, precision and the cadence (in optimizer steps) of logs, evaluations and checkpoints.
+
+    A micro-batch is what one process's forward pass takes (`micro_batch_size` samples for masked LM, pairs
+    or triplets for retrieval). An optimizer step takes `global_batch_size` units over all processes, by
+    gradient accumulation, so that one config keeps its batch on any number of GPUs; or, without it,
+    `gradient_accumulation_steps` micro-batches per process (default 1). A run lasts `epochs` passes over
+    its data (tasks that have epochs; default 1) or `max_steps`, whichever ends first.
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"batch_size": "global_batch_size"}
+
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    max_steps: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # bf16 on GPU, fp32 on CPU (train.distributed.resolve_precision)
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batch_size: int | None = None  # None: micro_batch_size
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+
+    def __post_init__(self):
+        for key in ("micro_batch_size", "global_batch_size", "gradient_accumulation_steps", "max_steps", "epochs",
+                    "log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_last"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
+            raise ValueError("set gradient_accumulation_steps or global_batch_size, not both")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}; expected one of {DEVICES}")
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.micro_batch_size
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps or 1
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            raise ValueError(f"training.global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size x processes = {self.micro_batch_size} x {world_size}")
+        return self.global_batch_size // per_pass
+
+
+@dataclass
+class HyenaGroupConfig:
+    """Learning rate and weight decay of one group of Hyena filter parameters."""
+
+    lr: float
+    weight_decay: float
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup and linear decay; the defaults are the M2-BERT long-context pretraining recipe.
+
+    `weight_decay` follows `torch.optim.AdamW` (decay multiplied by the current lr); the authors' Composer
+    DecoupledAdamW multiplies by lr / peak lr instead (see docs/pretraining.md). `hyena_filter` and
+    `hyena_positional` give the Hyena filter groups their own settings (the pretraining recipe; unset,
+    they join the base group). `decay_biases_and_norms: false` exempts biases, LayerNorm weights and the
+    Hyena `d_skip` from weight decay, as the authors' fine-tuning does; their pretraining decays them.
+    """
+
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.06
+    final_lr_fraction: float = 0.0
+    decay_biases_and_norms: bool = True
+    hyena_filter: HyenaGroupConfig | None = None
+    hyena_positional: HyenaGroupConfig | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must have two values, got {self.betas}")
+
+
+@dataclass
+class OutputSection:
+    """The run directory (config, metrics, TensorBoard, curves, summary, checkpoints, final model)."""
+
+    dir: str
+    tensorboard: bool = True
+
+
+def default_deepspeed() -> dict:
+    return {"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The sections every training run has; a task's config adds its own (`model`, `data`, ...).
+
+    `deepspeed` is a DeepSpeed config block, passed through; batch sizes and precision come from
+    `training` (`train.distributed.deepspeed_config`).
+    """
+
+    output: OutputSection
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: dict = field(default_factory=default_deepspeed)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -40,7 +163,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """A copy of `values` with each `dotted.key=yaml_value` override applied (intermediate mappings created)."""
-    merged = _deep_copy(values)
+    merged = copy.deepcopy(values)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -76,6 +199,9 @@ def from_mapping(schema: type[T], values: dict, where: str, prefix: str = "") ->
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(values) - set(fields))
+    renamed = [k for k in unknown if k in getattr(schema, "RENAMED", {})]
+    if renamed:
+        raise ConfigError(f"{where}: {prefix + renamed[0]} was renamed {prefix + schema.RENAMED[renamed[0]]}")
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; "
                           f"known in this section: {sorted(fields)}")
@@ -152,10 +278,3 @@ def _coerce(hint, value, where: str, key: str):
         raise ConfigError(f"{where}: {key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
     return value
 
-
-def _deep_copy(values):
-    if isinstance(values, dict):
-        return {k: _deep_copy(v) for k, v in values.items()}
-    if isinstance(values, list):
-        return [_deep_copy(v) for v in values]
-    return values

@@ -27,7 +27,6 @@ class LaunchEnvironment:
     rank: int
     local_rank: int
     world_size: int
-    local_world_size: int
 
     @property
     def is_main(self) -> bool:
@@ -36,16 +35,12 @@ class LaunchEnvironment:
 
 def launch_environment() -> LaunchEnvironment:
     """Rank and world size from the launcher's variables (one process when there is no launcher)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return LaunchEnvironment(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world_size,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
-    )
+    return LaunchEnvironment(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +65,7 @@ def init_distributed(device_kind: str = "auto") -> torch.device:
     if "RANK" not in os.environ:  # plain `python`: a group of one, so the same code path runs everywhere
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     env = launch_environment()
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
@@ -103,15 +98,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of `values` over all ranks, as a float64 CPU tensor (a copy; the input may live anywhere)."""
-    total = values.detach().to(torch.float64, copy=True)
+def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """The sum (or another `op`, e.g. `dist.ReduceOp.MAX`) of `values` over all ranks, as a float64 CPU tensor
+    (a copy; the input may live anywhere)."""
+    result = values.detach().to(torch.float64, copy=True)
     if dist.is_initialized():
         # NCCL reduces CUDA tensors only, gloo CPU ones.
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        total = total.to(device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.cpu()
+        result = result.to(device)
+        dist.all_reduce(result, op=op)
+    return result.cpu()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

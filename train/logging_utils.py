@@ -1,14 +1,15 @@
-"""Run logging shared by the training entry points: console set-up, metrics to TensorBoard and JSON lines,
-a rank-0 progress bar, memory figures and PNG training curves."""
+"""Run logging: console set-up, metrics to TensorBoard and JSON lines, a rank-0 progress bar and PNG training
+curves (peak memory: `train.memory`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import resource
 import sys
 from pathlib import Path
+
+from eval.data import read_json_lines
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -24,15 +25,6 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
     )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "streaming"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def peak_memory_bytes(device) -> int:
-    """Peak memory of this process: CUDA allocator peak on a GPU, peak resident set size on CPU."""
-    import torch
-
-    if getattr(device, "type", "cpu") == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 class MetricsLogger:
@@ -74,18 +66,8 @@ class MetricsLogger:
 
 def read_metrics(directory: str | Path, split: str) -> list[dict]:
     """The records of `split` in `<directory>/metrics.jsonl`, one per step (the last written wins), by step."""
-    path = Path(directory) / METRICS_FILE
-    by_step = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from err
-            if record.get("split") == split:
-                by_step[record["step"]] = record
+    by_step = {record["step"]: record for _, record in read_json_lines(Path(directory) / METRICS_FILE)
+               if record.get("split") == split}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -1,87 +1,60 @@
-"""Optimiser parameter groups and learning-rate schedules.
+"""The optimiser of every training run: AdamW over one rule of parameter groups, and its learning-rate schedule.
 
 M2-BERT pretraining (reference §3.2) trains the Hyena implicit filters with their own settings: the
 forward implicit-filter MLPs and the shared Sin frequency at lr 1e-3 / weight decay 0.1, the positional
 features `z` at lr 1e-5 without decay; everything else (the reverse MLPs and D terms included) is in the
-base group.
+base group. The authors' fine-tuning exempts biases and LayerNorm weights from weight decay instead
+(M2's Hyena `d_skip` is their `bias`); `OptimizerConfig.decay_biases_and_norms` chooses.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
+
+from train.config import OptimizerConfig
 
 # Our parameter names (model/modeling_m2_bert.py): `...sequence_mixer.{long_conv,residual_long_conv}.X`.
 HYENA_FILTER_PATTERN = re.compile(r"(^|\.)(long_conv|residual_long_conv)\.(forward_mlp\.|sin_freq$)")
 HYENA_POSITIONAL_PATTERN = re.compile(r"(^|\.)(long_conv|residual_long_conv)\.z$")
+# Biases and LayerNorm weights (the authors' `bias` / `LayerNorm` rule, in our names and Hugging Face's).
+NO_WEIGHT_DECAY_PATTERN = re.compile(r"(bias|LayerNorm\.weight|layer_norm\.weight|d_skip)$")
 
 
-@dataclass
-class HyenaGroupConfig:
-    """Learning rate and weight decay of one group of Hyena filter parameters."""
-
-    lr: float
-    weight_decay: float
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with linear warmup and linear decay (the M2-BERT long-context recipe by default).
-
-    `weight_decay` follows `torch.optim.AdamW` (decay multiplied by the current lr); the authors' Composer
-    DecoupledAdamW multiplies by lr / peak lr instead (see docs/pretraining.md).
+def parameter_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
+    """AdamW parameter groups, each named by a `name` key, in this order:
+      * `base`: the base lr and weight decay;
+      * `no_decay`: biases, LayerNorm weights and Hyena `d_skip`, at the base lr without decay (only when
+        `decay_biases_and_norms` is false);
+      * `hyena_filter`, `hyena_positional`: the recipe's Hyena settings (when set; they take precedence).
+    Empty groups are left out. Parameters are listed once (tied weights under their first name).
     """
-
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 1e-5
-    warmup_fraction: float = 0.06
-    final_lr_fraction: float = 0.0
-    hyena_filter: HyenaGroupConfig | None = None
-    hyena_positional: HyenaGroupConfig | None = None
-
-    def __post_init__(self):
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must have two values, got {self.betas}")
-
-
-def hyena_param_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
-    """AdamW parameter groups: `base`, `hyena_filter` and `hyena_positional` (each named by a `name` key).
-
-    A group whose config is None joins the base group; empty groups are left out. Parameters are
-    listed once (tied weights appear under their first name).
-    """
-    groups = {"base": [], "hyena_filter": [], "hyena_positional": []}
+    members = {"base": [], "no_decay": [], "hyena_filter": [], "hyena_positional": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if config.hyena_filter is not None and HYENA_FILTER_PATTERN.search(name):
-            groups["hyena_filter"].append(param)
+            members["hyena_filter"].append(param)
         elif config.hyena_positional is not None and HYENA_POSITIONAL_PATTERN.search(name):
-            groups["hyena_positional"].append(param)
+            members["hyena_positional"].append(param)
+        elif not config.decay_biases_and_norms and NO_WEIGHT_DECAY_PATTERN.search(name):
+            members["no_decay"].append(param)
         else:
-            groups["base"].append(param)
-    settings = {
-        "base": (config.lr, config.weight_decay),
-        "hyena_filter": (config.hyena_filter.lr, config.hyena_filter.weight_decay) if config.hyena_filter else None,
-        "hyena_positional": ((config.hyena_positional.lr, config.hyena_positional.weight_decay)
-                             if config.hyena_positional else None),
-    }
+            members["base"].append(param)
+    settings = {"base": (config.lr, config.weight_decay), "no_decay": (config.lr, 0.0)}
+    for name in ("hyena_filter", "hyena_positional"):
+        group = getattr(config, name)
+        if group is not None:
+            settings[name] = (group.lr, group.weight_decay)
     return [{"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
-            for name, params in groups.items() if params]
+            for name, params in members.items() if params]
 
 
 def build_adamw(model: torch.nn.Module, config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
-    """torch AdamW over `hyena_param_groups` (fused kernels on CUDA)."""
-    return torch.optim.AdamW(hyena_param_groups(model, config), lr=config.lr, betas=tuple(config.betas),
+    """torch AdamW over `parameter_groups` (fused kernels on CUDA)."""
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=tuple(config.betas),
                              eps=config.eps, weight_decay=config.weight_decay, fused=device.type == "cuda")
 
 

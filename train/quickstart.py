@@ -20,12 +20,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from train.distributed import free_port
 
 logger = logging.getLogger("train.quickstart")
 
@@ -40,12 +41,6 @@ class Stage:
     name: str
     command: list[str]
     outputs: list[Path]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, module: str) -> list[str]:

@@ -10,15 +10,18 @@ The examples are then laid out as the units one micro-step consumes:
   * `LabelledPair` for the orthogonal projection loss: (q, pos, 1.0) and (q, neg, 0.0); as in the
     authors' pair-label data path, the positive pair is repeated once per negative by default (1:1);
   * `Triplet` for the multiple negatives ranking loss: (q, pos, neg), one per negative.
+and `BatchPlan` says which units each process takes at each micro-step of each optimizer step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
 from typing import Iterable
 
+from eval.bm25 import BM25Retriever
 from eval.data import LocoTask
 
 logger = logging.getLogger(__name__)
@@ -84,7 +87,8 @@ def split_queries(tasks: list[LocoTask], heldout: int, max_train: int | None, se
 
 class NegativeSampler:
     """Draws up to `count` negatives per (query, positive): random documents of the query's task, or
-    BM25's top-ranked ones; never one of the query's relevant documents."""
+    BM25's top-ranked ones (only documents that share a term with the query rank); never one of the
+    query's relevant documents."""
 
     def __init__(self, tasks: list[LocoTask], count: int, kind: str = "random", seed: int = 0):
         if kind not in NEGATIVE_KINDS:
@@ -101,27 +105,22 @@ class NegativeSampler:
         loco_task = self.tasks[task]
         relevant = set(loco_task.qrels[qid])
         if self.kind == "bm25":
-            ranked = self._bm25_ranking(task, qid, self.count + len(relevant))
-            return tuple(pid for pid in ranked if pid not in relevant)[:self.count]
+            return tuple(pid for pid in self._bm25_ranking(task, qid) if pid not in relevant)[:self.count]
         # Sorted, so that the draw does not depend on the corpus file's order.
         pool = sorted(pid for pid in loco_task.documents if pid not in relevant)
         rng = random.Random(f"{self.seed}/{task}/{qid}/{positive_pid}")
         return tuple(rng.sample(pool, min(self.count, len(pool))))
 
-    def _bm25_ranking(self, task: str, qid: str, depth: int) -> list[str]:
-        import bm25s
-
+    def _bm25_ranking(self, task: str, qid: str) -> list[str]:
+        """The task's documents that share a term with the query, best first: the ranking of `eval.loco`'s
+        `bm25` baseline (same analyser, same scoring), deep enough to leave `count` irrelevant ones."""
         if task not in self._bm25:
-            pids = list(self.tasks[task].documents)
-            tokens = bm25s.tokenize(list(self.tasks[task].documents.values()), stopwords="en", show_progress=False)
-            retriever = bm25s.BM25()
-            retriever.index(tokens, show_progress=False)
-            self._bm25[task] = (retriever, pids)
-            logger.info("BM25 index of task %s: %d documents", task, len(pids))
-        retriever, pids = self._bm25[task]
-        query = bm25s.tokenize([self.tasks[task].queries[qid]], stopwords="en", return_ids=False, show_progress=False)
-        indices, _ = retriever.retrieve(query, k=min(depth, len(pids)), show_progress=False, n_threads=1)
-        return [pids[i] for i in indices[0]]
+            loco_task = self.tasks[task]
+            depth = self.count + max(len(relevant) for relevant in loco_task.qrels.values())
+            self._bm25[task] = BM25Retriever(show_progress=False).retrieve(loco_task, depth)
+            logger.info("BM25 ranking of task %s: %d documents, %d queries", task, len(loco_task.documents),
+                        len(loco_task.queries))
+        return list(self._bm25[task].get(qid, {}))
 
 
 def build_examples(queries: list[tuple[str, str]], sampler: NegativeSampler,
@@ -168,3 +167,56 @@ def shuffled(units: list, seed: int, epoch: int) -> list:
     order = list(units)
     random.Random(f"{seed}/epoch{epoch}").shuffle(order)
     return order
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which units each process embeds at each micro-step.
+
+    Optimizer step s of an epoch consumes units [s * batch_size, (s + 1) * batch_size) of that epoch's
+    order; micro-step m of rank r takes the `micro_batch_size` units at offset
+    (m * world_size + r) * micro_batch_size within them. A remainder shorter than a batch is dropped.
+    """
+
+    units: int
+    batch_size: int
+    micro_batch_size: int
+    world_size: int
+    epochs: int
+    max_steps: int | None
+
+    def __post_init__(self):
+        per_pass = self.micro_batch_size * self.world_size
+        if self.batch_size % per_pass:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size x processes "
+                             f"= {self.micro_batch_size} x {self.world_size}")
+        if self.units < self.batch_size:
+            raise ValueError(f"only {self.units} training units, fewer than one batch of {self.batch_size}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.units // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        full = self.steps_per_epoch * self.epochs
+        return full if self.max_steps is None else min(full, self.max_steps)
+
+    def micro_batches(self, step: int, rank: int) -> tuple[int, list[range]]:
+        """(epoch, index ranges into that epoch's order) of `rank`'s micro-steps in optimizer step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.batch_size
+        ranges = []
+        for micro_step in range(self.accumulation_steps):
+            offset = start + (micro_step * self.world_size + rank) * self.micro_batch_size
+            ranges.append(range(offset, offset + self.micro_batch_size))
+        return epoch, ranges
+
+
+def fingerprint(units: list) -> str:
+    """A digest of the unit list, to refuse resuming a checkpoint with different examples."""
+    return hashlib.sha256("\n".join(map(repr, units)).encode()).hexdigest()[:16]
