@@ -50,6 +50,24 @@ def test_overrides_are_typed_and_unknown_keys_are_named(tmp_path):
         load_config(PretrainConfig, bad)
 
 
+def test_keys_a_config_leaves_out_get_its_tasks_recipe(tmp_path):
+    """The shared sections are one schema, but a fine-tuning file without an optimizer section trains at the
+    fine-tuning recipe's lr 5e-6, not pretraining's 5e-4; what a file sets wins."""
+    from train.retrieval_task import FinetuneConfig
+
+    minimal = tmp_path / "finetune.yaml"
+    minimal.write_text("model: {name_or_path: all-MiniLM-L6-v2}\noutput: {dir: runs/x}\noptimizer: {eps: 1.0e-8}\n")
+    finetune = load_config(FinetuneConfig, minimal)
+    assert (finetune.optimizer.lr, finetune.optimizer.weight_decay, finetune.optimizer.betas) == (5e-6, 0.01, (0.9, 0.999))
+    assert finetune.optimizer.eps == 1e-8 and not finetune.optimizer.decay_biases_and_norms
+    assert (finetune.training.global_batch_size, finetune.training.epochs, finetune.training.seed) == (32, 1, 0)
+    pretrain = tmp_path / "pretrain.yaml"
+    pretrain.write_text("model: {preset: tiny}\ndata: {manifest: m.json}\noutput: {dir: runs/y}\n"
+                        "training: {max_steps: 10}\n")
+    config = load_config(PretrainConfig, pretrain)
+    assert (config.optimizer.lr, config.optimizer.betas, config.training.seed) == (5e-4, (0.9, 0.98), 17)
+
+
 def test_global_batch_size_sets_accumulation_per_world_size():
     training = load_config(PretrainConfig, REPO / "configs" / "pretrain_80M_8k.yaml").training
     assert training.accumulation_steps(world_size=8) == 64 // (4 * 8)

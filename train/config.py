@@ -7,7 +7,8 @@ then turned into typed dataclasses: an unknown or mistyped key is an error that 
 
 `RunConfig` holds the shared sections (`training`, `optimizer`, `deepspeed`, `output`), which
 `train.trainer.Trainer` reads; a task's config subclasses it and adds only its own sections
-(`train.mlm_task.PretrainConfig`, `train.retrieval_task.FinetuneConfig`).
+(`train.mlm_task.PretrainConfig`, `train.retrieval_task.FinetuneConfig`), and may give the shared sections
+its own recipe's defaults (`SECTION_DEFAULTS`): a key a file leaves out gets its task's default.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ class RunConfig:
     `training` (`train.distributed.deepspeed_config`).
     """
 
+    # Per section, the task's defaults for keys a config file leaves out (e.g. fine-tuning's learning rate).
+    SECTION_DEFAULTS: ClassVar[dict[str, dict]] = {}
+
     output: OutputSection
     training: TrainingSection = field(default_factory=TrainingSection)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -184,8 +188,13 @@ def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dic
 
 
 def load_config(schema: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read `path`, apply `overrides` and build the `schema` dataclass from the result."""
+    """Read `path`, apply `overrides`, fill in the schema's `SECTION_DEFAULTS` for keys left out and build the
+    `schema` dataclass from the result."""
     values = apply_overrides(read_yaml(path), overrides)
+    for section, defaults in getattr(schema, "SECTION_DEFAULTS", {}).items():
+        given = values.get(section, {})
+        if isinstance(given, dict):  # anything else is reported by from_mapping, naming the section
+            values[section] = {**defaults, **given}
     return from_mapping(schema, values, where=str(path))
 
 

@@ -43,7 +43,10 @@ class ModelSection:
 
 @dataclass(kw_only=True)
 class PretrainConfig(RunConfig):
-    """A pretraining run (one YAML file; see configs/pretrain_*.yaml)."""
+    """A pretraining run (one YAML file; see configs/pretrain_*.yaml). Keys a file leaves out get the
+    M2-BERT long-context pretraining recipe (the `OptimizerConfig` defaults)."""
+
+    SECTION_DEFAULTS = {"training": {"seed": 17, "keep_last": 3}}
 
     model: ModelSection
     data: DataConfig

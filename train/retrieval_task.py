@@ -96,7 +96,15 @@ class LossSection:
 @dataclass(kw_only=True)
 class FinetuneConfig(RunConfig):
     """A fine-tuning run (one YAML file; see configs/finetune_*.yaml). Batch sizes count units (OPL pairs or
-    MNRL triplets)."""
+    MNRL triplets). Keys a file leaves out get the authors' fine-tuning recipe (reference §4.2): AdamW at
+    lr 5e-6 with 10% warmup, no weight decay on biases and norms, 32 units per optimizer step, one epoch."""
+
+    SECTION_DEFAULTS = {
+        "optimizer": {"lr": 5e-6, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01, "warmup_fraction": 0.1,
+                      "decay_biases_and_norms": False},
+        "training": {"global_batch_size": 32, "epochs": 1, "log_every": 1, "eval_every": 100, "eval_batch_size": 8,
+                     "checkpoint_every": 500},
+    }
 
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
