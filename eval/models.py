@@ -25,7 +25,8 @@ from .protocols import PROTOCOLS, TRUNCATE, Protocol
 logger = logging.getLogger(__name__)
 
 BM25 = "bm25"
-SPEC_KEYS = ("model", "protocol", "max_length", "query_prefix", "document_prefix", "label", "batch_size")
+SPEC_KEYS = ("model", "protocol", "max_length", "query_prefix", "document_prefix", "label", "batch_size",
+             "precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +40,20 @@ class ModelSpec:
     document_prefix: str = ""
     label: str | None = None
     batch_size: int | None = None
+    precision: str | None = None
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"model {self.name!r}: unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}")
-        if self.is_bm25 and (self.protocol != TRUNCATE or self.max_length or self.query_prefix or self.document_prefix):
-            raise ValueError("bm25 takes no protocol, max_length or prefixes")
+        if self.is_bm25 and (self.protocol != TRUNCATE or self.max_length or self.query_prefix or self.document_prefix
+                             or self.precision):
+            raise ValueError("bm25 takes no protocol, max_length, prefixes or precision")
+        if self.precision is not None:
+            from model.cpu_ops import PRECISIONS
+
+            if self.precision not in PRECISIONS:
+                raise ValueError(f"model {self.name!r}: unknown precision {self.precision!r}; expected one of "
+                                 f"{PRECISIONS}")
 
     @classmethod
     def parse(cls, text: str, **options) -> ModelSpec:
@@ -77,7 +86,8 @@ class ModelSpec:
             return self.label
         if self.is_bm25:
             return BM25
-        options = [self.protocol] + ([str(self.max_length)] if self.max_length else [])
+        options = [self.protocol] + ([str(self.max_length)] if self.max_length else []) + \
+            ([self.precision] if self.precision else [])
         path = Path(self.name)
         # Training runs export to <run>/final: such models are known by their run's name.
         name = f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
@@ -91,13 +101,15 @@ def build_retriever(spec: ModelSpec, cache: EmbeddingCache, device: torch.device
         return BM25Retriever(spec.display_name, show_progress=show_progress)
     from model.encoders import M2Encoder, load_encoder
 
-    encoder = load_encoder(spec.name, max_length=spec.max_length).to(device)
+    encoder = load_encoder(spec.name, max_length=spec.max_length, precision=spec.precision).to(device)
     max_length = spec.max_length or encoder.max_length
     if max_length > encoder.max_length:
         raise ValueError(f"model {spec.name!r} reads at most {encoder.max_length} tokens; max_length={max_length}")
     # Everything but the text that an embedding depends on: it names the cache space.
     identity = {"fingerprint": fingerprint_files(model_directory(spec.name)), "encoder": type(encoder).__name__,
                 "max_length": max_length, "device": device.type}
+    if spec.precision:
+        identity["precision"] = spec.precision
     description = {"model": spec.name, **identity}
     if isinstance(encoder, M2Encoder):
         description["padding_mode"] = encoder.model.config.padding_mode
