@@ -49,11 +49,12 @@ class ModelSpec:
                              or self.precision):
             raise ValueError("bm25 takes no protocol, max_length, prefixes or precision")
         if self.precision is not None:
-            from model.cpu_ops import PRECISIONS
+            from model.batching import check_encode_precision
 
-            if self.precision not in PRECISIONS:
-                raise ValueError(f"model {self.name!r}: unknown precision {self.precision!r}; expected one of "
-                                 f"{PRECISIONS}")
+            try:
+                check_encode_precision(self.precision)
+            except ValueError as error:
+                raise ValueError(f"model {self.name!r}: {error}") from None
 
     @classmethod
     def parse(cls, text: str, **options) -> ModelSpec:

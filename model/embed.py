@@ -4,7 +4,7 @@
 
 `--model` is a checkpoint directory (ours or the authors') or a preset name (randomly initialised, for
 smoke tests). `--input` files are JSON lines (gzipped or not) with a `text` field, or plain text with
-one text per line. `--precision` (`fp32`, `bf16` or `int8`; default: bf16 on CUDA, fp32 on CPU) is that of
+one text per line. `--precision` (`fp32` or `bf16`; default: bf16 on CUDA, fp32 on CPU) is that of
 the GEMMs (see docs/serving.md for which to use where).
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .configuration_m2_bert import PRESET_ALIASES, PRESETS, M2BertConfig
-from .cpu_ops import PRECISIONS
+from .batching import ENCODE_PRECISIONS
 from .modeling_m2_bert import M2BertModel
 
 logger = logging.getLogger("model.embed")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--field", default="text", help="JSON field holding the text")
     parser.add_argument("--max-length", type=int, default=None, help="truncate texts (tokens)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+    parser.add_argument("--precision", choices=ENCODE_PRECISIONS, default=None,
                         help="precision of the GEMMs (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the embeddings here (.npy)")
     args = parser.parse_args(argv)

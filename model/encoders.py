@@ -7,9 +7,9 @@ batches without gradients (`encode`, for evaluation). Two implementations:
   * `SentenceTransformerEncoder`: any sentence-transformers model or Hugging Face encoder directory
     (plain Hugging Face models get mean pooling), e.g. all-MiniLM-L6-v2.
 `load_encoder(name_or_path)` picks the right one. `encode(..., precision=...)` (default: the encoder's
-`precision`, else the device's: see `model.batching`) runs on CPU in `fp32`, `bf16` or `int8`: the M2 CPU
-inference path for M2, and for sentence-transformers models a copy whose `nn.Linear` layers run their GEMMs
-in that precision (`model.cpu_ops.LowPrecisionLinear`).
+`precision`, else the device's: see `model.batching`) runs on CPU in `fp32` or `bf16`: through the M2 CPU
+inference path for M2, and for sentence-transformers models through a copy whose `nn.Linear` layers run
+their GEMMs in that precision (`model.cpu_ops.LowPrecisionLinear`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import cpu_ops
-from .batching import encode_in_batches
+from .batching import check_encode_precision, encode_in_batches
 from .modeling_m2_bert import M2BertModel
 from .tokenizer import load_tokenizer
 
@@ -227,8 +227,7 @@ def load_encoder(name_or_path: str, max_length: int | None = None, precision: st
                  **m2_config_overrides) -> TextEncoder:
     """An encoder from a local directory (M2-BERT, sentence-transformers or Hugging Face) or the alias
     `all-MiniLM-L6-v2`, whose encode() runs in `precision` by default. Nothing is downloaded."""
-    if precision is not None:
-        cpu_ops.check_precision(precision)
+    check_encode_precision(precision)
     if str(name_or_path).lower() in MINILM_ALIASES:
         encoder = SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2", max_length=max_length)
     else:

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOu
 
 from . import cpu_ops, kernels  # fused CUDA paths when built and usable, the CPU inference path, the reference
 from . import loading
-from .batching import encode_in_batches, padded_length, resolve_precision
+from .batching import encode_in_batches, padded_length
 from .configuration_m2_bert import M2BertConfig
 from .ops import block_diagonal_linear, fast_fft_size, fft_long_conv
 from .tokenizer import load_tokenizer
@@ -402,7 +402,9 @@ class M2BertModel(M2BertPreTrainedModel):
         # `reference` mode must reproduce the authors' FFT of exactly 2L; `masked` may use any size >= 2L.
         fft_size = 2 * length if self.config.padding_mode == "reference" else fast_fft_size(2 * length)
         cpu_inference = kernels.uses_cpu_path(self.config.kernel_implementation, input_ids)
-        resolve_precision(precision, input_ids.device)
+        cpu_ops.check_precision(precision)
+        if precision == "int8" and input_ids.device.type != "cpu":
+            raise ValueError(f"precision 'int8' runs on CPU only (the input is on {input_ids.device})")
         if precision != "fp32" and input_ids.device.type == "cpu" and not cpu_inference:
             raise ValueError(f"precision {precision!r} runs on the CPU inference path, which this forward pass "
                              "does not take: it needs torch.no_grad() and kernel_implementation auto or cpu")
@@ -463,8 +465,8 @@ class M2BertModel(M2BertPreTrainedModel):
 
     def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
                show_progress_bar: bool = False, precision: str | None = None) -> np.ndarray:
-        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order; `precision` `fp32`,
-        `bf16` or `int8` (default: bf16 on CUDA, fp32 on CPU). See `model.batching.encode_in_batches`."""
+        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order; `precision` `fp32` or
+        `bf16` (default: bf16 on CUDA, fp32 on CPU). See `model.batching.encode_in_batches`."""
         return encode_in_batches(self, lambda batch: self.tokenize(batch, max_length),
                                  lambda features, precision: self(**features, precision=precision).pooler_output,
                                  texts, batch_size, self.config.hidden_size, show_progress_bar,
