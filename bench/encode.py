@@ -233,7 +233,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/encode.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    for noisy in ("onnx_ir", "onnxscript"):  # their INFO lines describe graph rewrites
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     load_before = load_average()
 

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript"):  # their INFO lines describe graph rewrites
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.model in PRESETS or args.model in PRESET_ALIASES:
         torch.manual_seed(0)
