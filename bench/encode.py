@@ -6,8 +6,11 @@ length, and the time to embed one 32-token query, for
   * `cpu fp32`, `cpu bf16`, `cpu int8`: the CPU inference path (`model.cpu_ops`) with its GEMMs in each
     precision;
   * `onnx fp32`: the `python -m model.export_onnx` graph in onnxruntime.
-The variants run interleaved (each repeat runs every variant once; medians reported) after one warm-up
-pass, which fills the filter caches. Each row also gives the cosine of its full-length embedding to the
+The variants run interleaved (each repeat runs every variant once; medians reported) after warm-up passes
+on the query and a fill of the filter caches at the full length. On a shared 2-core machine a 32k forward
+takes minutes, so beyond 8k tokens the defaults time one pass of the fp32 and bf16 variants
+(`--long-variants`), and onnxruntime, whose DFT makes it several times slower than PyTorch here, runs up to
+`--onnx-max-length`. Each row also gives the cosine of its full-length embedding to the
 baseline's, and the query's cost against padding the query to the full length (the baseline's full-length
 forward: a `reference`-mode query costs exactly that).
 
@@ -71,12 +74,21 @@ def timed(runner, *inputs) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def fill_filter_caches(model: M2BertModel, length: int) -> None:
+    """What a first full-length forward would leave in the filter caches, without running one."""
+    fft_size = model.forward_plan(torch.zeros((1, length), dtype=torch.long), None).fft_size
+    for layer in model.layers:
+        for hyena in (layer.sequence_mixer.long_conv, layer.sequence_mixer.residual_long_conv):
+            if hyena is not None:
+                hyena.spectrum(length, fft_size)
+
+
 @torch.no_grad()
-def bench_length(preset: str, repeats: int, query_tokens: int, onnx_dir: Path | None, threads: int) -> dict:
+def bench_length(preset: str, repeats: int, query_tokens: int, onnx_dir: Path | None, threads: int,
+                 variants: list[str]) -> dict:
     torch.manual_seed(0)
     model = M2BertModel(M2BertConfig.from_preset(preset, padding_mode="masked")).eval()
     length = model.config.max_position_embeddings
-    variants = list(M2_VARIANTS)
     onnx_session, export_seconds = None, None
     if onnx_dir is not None:
         from model.export_onnx import export, session
@@ -85,7 +97,7 @@ def bench_length(preset: str, repeats: int, query_tokens: int, onnx_dir: Path | 
         path = export(model, onnx_dir / f"{preset}.onnx")
         export_seconds = time.perf_counter() - start
         onnx_session = session(path, threads=threads)
-        variants.append(ONNX)
+        variants = variants + [ONNX]
     runners = {v: make_runner(model, v, onnx_session) for v in variants}
     generator = torch.Generator().manual_seed(1)
     full = torch.randint(1000, 30000, (1, length), generator=generator)
@@ -99,9 +111,9 @@ def bench_length(preset: str, repeats: int, query_tokens: int, onnx_dir: Path | 
     query_times = {v: [] for v in variants}
     outputs = {}
     logger.info("%s: warm-up (load %s)", preset, load_average())
-    for variant in variants:  # fills the filter caches and each path's kernels / plans
+    for variant in variants:  # each path's kernels and FFT plans at the query's shapes
         runners[variant](query, query_mask)
-    timed(runners["cpu fp32"], full, full_mask)
+    fill_filter_caches(model, length)
     for repeat in range(repeats):
         for variant in variants:
             seconds, outputs[variant] = timed(runners[variant], full, full_mask)
@@ -139,7 +151,7 @@ def finetune_tiny(workdir: Path) -> Path:
     logger.info("fine-tuning a tiny M2 (about two minutes): %s", " ".join(command))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
-    return output / "final"
+    return Path(json.loads((output / "summary.json").read_text())["export"])
 
 
 def ndcg_at_10(task, query_vectors: np.ndarray, document_vectors: np.ndarray) -> float:
@@ -227,7 +239,10 @@ def main() -> None:
     parser.add_argument("--long-repeats", type=int, default=1, help="timed passes per variant beyond 8k tokens")
     parser.add_argument("--query-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime variant")
+    parser.add_argument("--long-variants", nargs="+", default=["torch fp32", "cpu fp32", "cpu bf16"],
+                        choices=list(M2_VARIANTS), help="the PyTorch variants timed beyond 8k tokens")
+    parser.add_argument("--onnx-max-length", type=int, default=2048,
+                        help="longest model run through onnxruntime (0: none)")
     parser.add_argument("--quality", action="store_true", help="also measure fidelity on real text")
     parser.add_argument("--finetuned-tiny", type=Path, default=None, help="a fine-tuned tiny M2 for --quality")
     parser.add_argument("--out", type=Path, default=Path("bench/results/encode.json"))
@@ -241,8 +256,11 @@ def main() -> None:
     rows, export_seconds, quality = [], {}, None
     with tempfile.TemporaryDirectory() as workdir:
         for preset in args.presets:
-            repeats = args.repeats if M2BertConfig.from_preset(preset).max_position_embeddings <= 8192 else args.long_repeats
-            result = bench_length(preset, repeats, args.query_tokens, None if args.no_onnx else Path(workdir), args.threads)
+            length = M2BertConfig.from_preset(preset).max_position_embeddings
+            long = length > 8192
+            result = bench_length(preset, args.long_repeats if long else args.repeats, args.query_tokens,
+                                  Path(workdir) if length <= args.onnx_max_length else None, args.threads,
+                                  args.long_variants if long else list(M2_VARIANTS))
             rows += result["rows"]
             export_seconds[preset] = result["onnx_export_seconds"]
         if args.quality:

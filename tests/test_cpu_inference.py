@@ -256,3 +256,14 @@ def test_onnx_export_reproduces_the_pytorch_embeddings(tmp_path):
     path = export_onnx.export(model, tmp_path / "tiny.onnx")
     session = export_onnx.session(path, threads=1)
     assert export_onnx.check(session, model, [17, 64, 200], batch=3) <= 1e-4  # dynamic batch and length
+
+
+def test_loco_model_spec_takes_a_precision():
+    from eval.models import ModelSpec
+
+    spec = ModelSpec.from_config({"model": "all-MiniLM-L6-v2", "precision": "bf16"}, "config.yaml")
+    assert spec.precision == "bf16" and "bf16" in spec.display_name
+    with pytest.raises(ValueError, match="'int8' is not offered"):
+        ModelSpec.from_config({"model": "all-MiniLM-L6-v2", "precision": "int8"}, "config.yaml")
+    with pytest.raises(ValueError, match="bm25 takes no .*precision"):
+        ModelSpec("bm25", precision="bf16")
