@@ -16,7 +16,8 @@ Elementwise work runs on contiguous rows; layouts change only by `copy_`, whose 
 Precisions (`PRECISIONS`): `fp32`; `bf16`, GEMMs in bfloat16 (oneDNN, AMX or AVX-512 BF16 where the CPU has
 them) with float32 FFTs, convolutions and normalisation; `int8`, GEMMs on int8 inputs with int32
 accumulation (`torch._int_mm`): weights quantised per output channel once, activations per row (token) on
-every call. The converted weights are made once per weight version (`PreparedWeights`).
+every call. The converted weights are made once per weight version (`PreparedWeights`). int8 is measured
+(bench/encode.py) but not offered by `encode()`: it misses the fidelity bound (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -167,8 +167,8 @@ class HyenaFilter(nn.Module):
         `eval()` is called or the cache is cleared) and keyed by fft_size alone: the circle then holds
         min(fft_size // 2, l_max) taps of each kernel, which give every length up to fft_size // 2 the same
         outputs (a tap longer than the input never meets it), so that batches of nearby lengths share one
-        spectrum. Spectra of several sizes are kept while they fit in the memory of one full-length spectrum
-        (many short ones, or one long one), each derived from the cached kernels."""
+        spectrum. Spectra of several sizes are kept while they fit in 1.25 times the memory of one full-length
+        spectrum (a long one and short ones), each derived from the cached kernels."""
         if fft_size < 2 * length:
             raise ValueError(f"fft_size {fft_size} must be at least twice the length {length}")
         if self.training or torch.is_grad_enabled():
@@ -179,7 +179,9 @@ class HyenaFilter(nn.Module):
             return spectra[fft_size]
         taps = min(fft_size // 2, self.z.shape[1])
         spectra[fft_size] = spectrum = torch.fft.rfft(self._circular(*self._cached_kernels(taps), fft_size))
-        budget = spectrum.element_size() * spectrum.shape[0] * (self.z.shape[1] + 1)
+        # Room for one full-length spectrum and a quarter more: short ones (queries) live beside a long one,
+        # two long ones do not.
+        budget = 5 * spectrum.element_size() * spectrum.shape[0] * (self.z.shape[1] + 1) // 4
         while len(spectra) > 1 and sum(s.numel() * s.element_size() for s in spectra.values()) > budget:
             spectra.popitem(last=False)
         return spectrum
