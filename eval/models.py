@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from model.batching import check_encode_precision
+
 from .bm25 import BM25Retriever
 from .cache import EmbeddingCache, code_fingerprint, fingerprint_files, library_versions, space_key
 from .dense import DenseRetriever
@@ -32,7 +34,7 @@ BM25 = "bm25"
 # Libraries whose code computes a dense embedding (tokenizers and tensors); sentence-transformers models add theirs.
 LIBRARIES = ("torch", "transformers", "tokenizers")
 SPEC_KEYS = ("model", "protocol", "max_length", "query_prefix", "document_prefix", "label", "batch_size",
-             "trust_remote_code")
+             "trust_remote_code", "precision")
 MINILM = "all-MiniLM-L6-v2"
 SPEC_FORMAT = f"a model is NAME[:PROTOCOL], NAME one of {BM25}, {MINILM} or a model directory, PROTOCOL one of " \
               f"{', '.join(PROTOCOLS)}"
@@ -50,6 +52,7 @@ class ModelSpec:
     label: str | None = None
     batch_size: int | None = None
     trust_remote_code: bool = False  # let a sentence-transformers / HF folder run code it ships or names
+    precision: str | None = None  # encode() precision (model.batching.check_encode_precision); None: the model's
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -69,8 +72,13 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: trust_remote_code must be true or false, "
                              f"got {self.trust_remote_code!r}")
         if self.is_bm25 and (self.protocol != TRUNCATE or self.max_length or self.query_prefix or self.document_prefix
-                             or self.trust_remote_code):
-            raise ValueError("bm25 takes no protocol, max_length, prefixes or trust_remote_code")
+                             or self.trust_remote_code or self.precision):
+            raise ValueError("bm25 takes no protocol, max_length, prefixes, trust_remote_code or precision")
+        if self.precision is not None:
+            try:
+                check_encode_precision(self.precision)
+            except ValueError as error:
+                raise ValueError(f"model {self.name!r}: {error}") from None
 
     @classmethod
     def parse(cls, text: str, **options) -> ModelSpec:
@@ -141,7 +149,8 @@ class ModelSpec:
             return self.label
         if self.is_bm25:
             return BM25
-        options = [self.protocol] + ([str(max_length)] if max_length else [])
+        options = [self.protocol] + ([str(max_length)] if max_length else []) + \
+            ([self.precision] if self.precision else [])
         path = Path(self.name)
         # Training runs export to <run>/final: such models are known by their run's name.
         name = f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
@@ -156,7 +165,8 @@ def build_retriever(spec: ModelSpec, cache: EmbeddingCache, device: torch.device
         return BM25Retriever(spec.display_name, show_progress=show_progress)
     from model.encoders import M2Encoder, load_encoder
 
-    encoder = load_encoder(spec.name, max_length=spec.max_length, trust_remote_code=spec.trust_remote_code).to(device)
+    encoder = load_encoder(spec.name, max_length=spec.max_length, precision=spec.precision,
+                           trust_remote_code=spec.trust_remote_code).to(device)
     max_length = spec.max_length or encoder.max_length
     if max_length > encoder.max_length:
         raise ValueError(f"model {spec.name!r} reads at most {encoder.max_length} tokens; max_length={max_length}")
@@ -166,6 +176,8 @@ def build_retriever(spec: ModelSpec, cache: EmbeddingCache, device: torch.device
     identity = {"fingerprint": fingerprint_files(model_directory(spec.name)), "encoder": type(encoder).__name__,
                 "code": code_fingerprint(), "libraries": library_versions(libraries),
                 "max_length": max_length, "device": device.type}
+    if spec.precision:
+        identity["precision"] = spec.precision
     description = {"model": spec.name, **identity}
     if spec.trust_remote_code:
         description["trust_remote_code"] = True

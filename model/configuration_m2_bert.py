@@ -15,9 +15,10 @@ import math
 from transformers import PretrainedConfig
 
 PADDING_MODES = ("reference", "masked")
-# Which code runs the Monarch Mixer hot paths (see `model.kernels`): the fused CUDA kernels when they can
-# run (`auto`), always the PyTorch reference (`torch`), or the kernels or an error (`cuda`).
-KERNEL_IMPLEMENTATIONS = ("auto", "torch", "cuda")
+# Which code runs the Monarch Mixer hot paths (see `model.kernels`): `auto` (the fused CUDA kernels when they
+# can run, the CPU inference path of `model.cpu_ops` for CPU tensors without autograd, else the reference),
+# always the PyTorch reference (`torch`), or the CUDA kernels (`cuda`) or the CPU path (`cpu`) or an error.
+KERNEL_IMPLEMENTATIONS = ("auto", "torch", "cuda", "cpu")
 HIDDEN_ACTIVATIONS = ("gelu",)  # GELU (erf), in the GLU gate and the MLM head, as every released model
 
 # Keys of the authors' config.json files that describe their training recipe (the Hyena optimiser groups,

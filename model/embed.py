@@ -1,10 +1,11 @@
 """Embed texts with an M2-BERT model from the command line.
 
-    python -m model.embed --model m2-bert-tiny --input texts.jsonl.gz [--out embeddings.npy]
+    python -m model.embed --model m2-bert-tiny --input texts.jsonl.gz [--out embeddings.npy] [--precision bf16]
 
 `--model` is a checkpoint directory (ours or the authors') or a preset name (randomly initialised, for
 smoke tests). `--input` files are JSON lines (gzipped or not) with a `text` field, or plain text with
-one text per line.
+one text per line. `--precision` (`fp32` or `bf16`; default: bf16 on CUDA, fp32 on CPU) is that of
+the GEMMs (see docs/serving.md for which to use where).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .configuration_m2_bert import PRESET_ALIASES, PRESETS, M2BertConfig
+from .batching import ENCODE_PRECISIONS
 from .modeling_m2_bert import M2BertModel
 
 logger = logging.getLogger("model.embed")
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--field", default="text", help="JSON field holding the text")
     parser.add_argument("--max-length", type=int, default=None, help="truncate texts (tokens)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", choices=ENCODE_PRECISIONS, default=None,
+                        help="precision of the GEMMs (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the embeddings here (.npy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = [t for path in args.input for t in read_texts(path, args.field)]
 
     start = time.perf_counter()
-    embeddings = model.encode(texts, batch_size=args.batch_size, max_length=args.max_length, show_progress_bar=True)
+    embeddings = model.encode(texts, batch_size=args.batch_size, max_length=args.max_length, show_progress_bar=True,
+                              precision=args.precision)
     seconds = time.perf_counter() - start
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

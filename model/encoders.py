@@ -6,11 +6,15 @@ batches without gradients (`encode`, for evaluation). Two implementations:
     `padding_mode` (`reference`: to the full length; `masked`: to the batch's longest text);
   * `SentenceTransformerEncoder`: any sentence-transformers model or Hugging Face encoder directory
     (plain Hugging Face models get mean pooling), e.g. all-MiniLM-L6-v2.
-`load_encoder(name_or_path)` picks the right one.
+`load_encoder(name_or_path)` picks the right one. `encode(..., precision=...)` (default: the encoder's
+`precision`, else the device's: see `model.batching`) runs on CPU in `fp32` or `bf16`: through the M2 CPU
+inference path for M2, and for sentence-transformers models through a copy whose `nn.Linear` layers run
+their GEMMs in that precision (`model.cpu_ops.LowPrecisionLinear`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .batching import encode_in_batches
+from . import cpu_ops
+from .batching import check_encode_precision, encode_in_batches
 from .modeling_m2_bert import M2BertModel
 from .tokenizer import load_tokenizer
 
@@ -39,6 +44,12 @@ class TextEncoder(nn.Module):
     """Texts -> embeddings (compare with cosine similarity)."""
 
     name: str = "encoder"
+    precision: str | None = None  # encode()'s default precision (None: the device's)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the embeddings."""
+        raise NotImplementedError
 
     @property
     def max_length(self) -> int:
@@ -56,6 +67,10 @@ class TextEncoder(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) embeddings of a tokenized batch, differentiable."""
+        raise NotImplementedError
+
+    def inference_forward(self, features: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+        """(B, D) embeddings of a tokenized batch without gradients, GEMMs in `precision` on CPU."""
         raise NotImplementedError
 
     def save(self, directory) -> None:
@@ -76,10 +91,11 @@ class TextEncoder(nn.Module):
         return self.forward(features)
 
     def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
-               show_progress_bar: bool = False) -> np.ndarray:
+               show_progress_bar: bool = False, precision: str | None = None) -> np.ndarray:
         """(N, D) float32 embeddings in input order (see `model.batching.encode_in_batches`)."""
-        return encode_in_batches(self, lambda batch: self.embed(batch, max_length), texts, batch_size,
-                                 show_progress_bar, description=f"encode {self.name}")
+        return encode_in_batches(self, lambda batch: self.tokenize(batch, max_length), self.inference_forward,
+                                 texts, batch_size, self.embedding_dim, show_progress_bar,
+                                 description=f"encode {self.name}", precision=precision or self.precision)
 
 
 class M2Encoder(TextEncoder):
@@ -96,6 +112,10 @@ class M2Encoder(TextEncoder):
         return cls(M2BertModel.from_pretrained(directory, **config_overrides), name=Path(directory).name)
 
     @property
+    def embedding_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
     def max_length(self) -> int:
         return self.model.config.max_position_embeddings
 
@@ -108,6 +128,9 @@ class M2Encoder(TextEncoder):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(features["input_ids"], features["attention_mask"]).pooler_output
+
+    def inference_forward(self, features: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+        return self.model(features["input_ids"], features["attention_mask"], precision=precision).pooler_output
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable()
@@ -140,6 +163,13 @@ class SentenceTransformerEncoder(TextEncoder):
         self.name = name or Path(str(model_or_path)).name
         if max_length is not None:
             self.model.max_seq_length = max_length
+        self._low_precision_copy: tuple | None = None  # (precision, parameter versions, model): not a submodule
+
+    @property
+    def embedding_dim(self) -> int:
+        # sentence-transformers >= 5.4 calls it `get_embedding_dimension`
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return dimension()
 
     @property
     def max_length(self) -> int:
@@ -163,6 +193,19 @@ class SentenceTransformerEncoder(TextEncoder):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(dict(features))["sentence_embedding"]
+
+    def inference_forward(self, features: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+        if precision == "fp32" or self.device.type != "cpu":  # on CUDA, bf16 is the loop's autocast
+            return self.forward(features)
+        return self._low_precision_model(precision)(dict(features))["sentence_embedding"]
+
+    def _low_precision_model(self, precision: str) -> nn.Module:
+        """A copy of the model whose Linear layers run in `precision`, made again when a weight changed."""
+        versions = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if self._low_precision_copy is None or self._low_precision_copy[:2] != (precision, versions):
+            self._low_precision_copy = (precision, versions,
+                                        cpu_ops.with_low_precision_linears(copy.deepcopy(self.model), precision))
+        return self._low_precision_copy[2]
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable()
@@ -229,17 +272,23 @@ def is_m2_directory(path: Path) -> bool:
                                          or "hyena_filter_order" in values)
 
 
-def load_encoder(name_or_path: str, max_length: int | None = None, trust_remote_code: bool = False,
-                 **m2_config_overrides) -> TextEncoder:
+def load_encoder(name_or_path: str, max_length: int | None = None, precision: str | None = None,
+                 trust_remote_code: bool = False, **m2_config_overrides) -> TextEncoder:
     """An encoder from a local directory (M2-BERT, sentence-transformers or Hugging Face) or the alias
-    `all-MiniLM-L6-v2`. Nothing is downloaded, and nothing the folder ships is run unless
-    `trust_remote_code=True` (M2-BERT checkpoints never run code: their loader reads tensors only)."""
+    `all-MiniLM-L6-v2`, whose encode() runs in `precision` by default. Nothing is downloaded, and nothing
+    the folder ships is run unless `trust_remote_code=True` (M2-BERT checkpoints never run code: their
+    loader reads tensors only)."""
+    check_encode_precision(precision)
     if str(name_or_path).lower() in MINILM_ALIASES:
-        return SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2", max_length=max_length)
-    path = Path(name_or_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"encoder {name_or_path!r}: no such directory (and not a known alias: "
-                                f"{', '.join(MINILM_ALIASES)})")
-    if is_m2_directory(path):
-        return M2Encoder.from_pretrained(path, **m2_config_overrides)
-    return SentenceTransformerEncoder(path, max_length=max_length, trust_remote_code=trust_remote_code)
+        encoder = SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2", max_length=max_length)
+    else:
+        path = Path(name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"encoder {name_or_path!r}: no such directory (and not a known alias: "
+                                    f"{', '.join(MINILM_ALIASES)})")
+        if is_m2_directory(path):
+            encoder = M2Encoder.from_pretrained(path, **m2_config_overrides)
+        else:
+            encoder = SentenceTransformerEncoder(path, max_length=max_length, trust_remote_code=trust_remote_code)
+    encoder.precision = precision
+    return encoder

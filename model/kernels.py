@@ -1,12 +1,13 @@
 """Dispatch for the Monarch Mixer hot paths: the fused CUDA kernels of `csrc/` when built and usable for
-the input, the PyTorch reference in `model.ops` otherwise. Two entry points: `monarch_mixer_core` (the
+the input, the CPU inference path of `model.cpu_ops` for CPU tensors that autograd does not record, the
+PyTorch reference in `model.ops` otherwise. Two entry points: `monarch_mixer_core` (the
 sequence mixer between its projections) and `block_diagonal_glu` (the GLU MLP's two block-diagonal
 layers and GELU gate).
 
 The model chooses the path from its config, as Hugging Face models choose their attention implementation:
 `M2BertConfig.kernel_implementation` is `auto` (default: the kernels for CUDA tensors of a supported shape
-and dtype once the extension is built or loads), `cuda` (the kernels, or an error that says why they cannot
-run) or `torch` (always the reference). The environment variable `M2_KERNELS` overrides it for every model
+and dtype once the extension is built or loads; the CPU path for CPU inference), `cuda` (the kernels, or an
+error that says why they cannot run), `cpu` (the CPU path, or an error) or `torch` (always the reference). The environment variable `M2_KERNELS` overrides it for every model
 of the process; it is read once, on first use. Importing this module, or running the model on CPU tensors,
 never compiles anything: the extension is built (or loaded from its cache) on the first call that would use
 it. See docs/kernels.md for the algorithms and the ahead-of-time build.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_ops
 from .configuration_m2_bert import KERNEL_IMPLEMENTATIONS
 from .ops import block_diagonal_linear
 from .ops import monarch_mixer_core as torch_monarch_mixer_core
@@ -61,6 +63,28 @@ def resolve_mode(configured: str) -> str:
     if mode not in MODES:
         raise ValueError(f"kernel implementation {mode!r}; expected one of {MODES}")
     return mode
+
+
+def _cpu_unsupported_reason(tensor: torch.Tensor) -> str | None:
+    if tensor.device.type != "cpu":
+        return f"the tensors are on {tensor.device}"
+    if torch.is_grad_enabled():
+        return "autograd is recording (the CPU path is for inference: run under torch.no_grad())"
+    return None
+
+
+def uses_cpu_path(implementation: str, tensor: torch.Tensor) -> bool:
+    """Whether a forward pass on `tensor` with `kernel_implementation=implementation` (which `M2_KERNELS`
+    overrides) runs through `model.cpu_ops`: in `cpu` mode always (or an error that says why it cannot), in
+    `auto` mode for CPU tensors while autograd is not recording."""
+    mode = resolve_mode(implementation)
+    if mode not in ("auto", "cpu"):
+        return False
+    reason = _cpu_unsupported_reason(tensor)
+    if mode == "cpu" and reason is not None:
+        raise KernelsUnavailable(f"kernel_implementation (or {MODE_VARIABLE}) is cpu but the CPU path cannot run: "
+                                 f"{reason}")
+    return reason is None
 
 
 def _build_flags(host_emulation: bool) -> dict:
@@ -517,10 +541,12 @@ def monarch_mixer_core(
     implementation: str = "auto",
 ) -> torch.Tensor:
     """The sequence mixer between its projections (see `model.ops.monarch_mixer_core` for the contract),
-    through the fused kernels or the PyTorch reference as `implementation` (a `kernel_implementation`, which
-    `M2_KERNELS` overrides) and the input allow."""
+    through the fused kernels, the CPU path or the PyTorch reference as `implementation` (a
+    `kernel_implementation`, which `M2_KERNELS` overrides) and the input allow."""
     args = (projected, layer_input, short_conv_weight, short_conv_bias, long_conv_spectrum, long_conv_d,
             residual_conv_spectrum, residual_conv_d, fft_size, keep)
+    if uses_cpu_path(implementation, projected):
+        return cpu_ops.monarch_mixer_core(*args)
     mode = resolve_mode(implementation)
     if mode != "torch":
         length = projected.shape[-1]
@@ -539,8 +565,11 @@ def block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_wei
 
     a: (..., H); gate_value_weight: (n, 2I/n, H/n) and out_weight: (n, H/n, I/n), block-diagonal as in
     `model.ops.block_diagonal_linear`; out_bias: (H,) or None. Through the GEMM-layout path with the fused
-    GELU gate or the PyTorch reference, as `implementation` (which `M2_KERNELS` overrides) and the input allow.
+    GELU gate, the CPU path or the PyTorch reference, as `implementation` (which `M2_KERNELS` overrides) and
+    the input allow.
     """
+    if uses_cpu_path(implementation, a):
+        return cpu_ops.block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
     mode = resolve_mode(implementation)
     if mode != "torch":
         bias = out_bias is not None

@@ -18,6 +18,7 @@ Parameter names are ours; `model.loading` maps the authors' checkpoint names ont
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
 
-from . import kernels  # fused CUDA paths when built and usable, else the PyTorch reference
+from . import cpu_ops, kernels  # fused CUDA paths when built and usable, the CPU inference path, the reference
 from . import loading
 from .batching import encode_in_batches, padded_length
 from .configuration_m2_bert import M2BertConfig
@@ -55,13 +56,16 @@ def hyena_decay_rates(d_model: int, fast_decay_pct: float = 0.3, slow_decay_pct:
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """What every layer of one forward pass shares: the sequence length, the FFT size, the padding mask and
-    the kernel implementation."""
+    """What every layer of one forward pass shares: the sequence length, the FFT size, the padding mask, the
+    kernel implementation, whether it takes the CPU inference path (`model.cpu_ops`) and the precision of
+    that path's GEMMs."""
 
     length: int
     fft_size: int
     keep: torch.Tensor | None  # (B, 1, L) 0/1 in `masked` mode, else None
     kernel_implementation: str = "auto"
+    cpu_inference: bool = False
+    precision: str = "fp32"
 
 
 class ImplicitFilterMLP(nn.Module):
@@ -114,9 +118,14 @@ class HyenaFilter(nn.Module):
         """The kernel on a circle of fft_size >= 2*length: k_fwd at the head, reversed k_rev at the tail."""
         if fft_size < 2 * length:
             raise ValueError(f"fft_size {fft_size} must be at least twice the length {length}")
-        kernel = F.pad(self._kernel(self.forward_mlp, length), (0, fft_size - length))  # (H, N)
-        if self.reverse_mlp is not None:
-            k_rev = self._kernel(self.reverse_mlp, length)
+        return self._circular(self._kernel(self.forward_mlp, length),
+                              None if self.reverse_mlp is None else self._kernel(self.reverse_mlp, length), fft_size)
+
+    @staticmethod
+    def _circular(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, fft_size: int) -> torch.Tensor:
+        length = k_fwd.shape[-1]
+        kernel = F.pad(k_fwd, (0, fft_size - length))  # (H, N)
+        if k_rev is not None:
             kernel = kernel + F.pad(k_rev.flip(-1), (fft_size - length, 0))
         return kernel
 
@@ -128,19 +137,54 @@ class HyenaFilter(nn.Module):
         return super().train(mode)
 
     def clear_spectrum_cache(self) -> None:
-        """Drop the cached inference spectrum (at 32k positions it holds ~200 MB per filter)."""
+        """Drop the cached inference kernels and spectra (at 32k positions ~200 MB each per filter)."""
         self._spectrum_cache.clear()
 
+    def _inference_cache(self) -> dict:
+        """The cache, emptied first if a parameter changed in place since it was filled."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._spectrum_cache.get("parameters") != key:
+            self._spectrum_cache.clear()
+            self._spectrum_cache.update(parameters=key, spectra=OrderedDict())
+        return self._spectrum_cache
+
+    def _cached_kernels(self, taps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first `taps` taps of k_fwd and k_rev (each (H, taps)), sliced from one cached kernel per filter:
+        a shorter kernel is the head of a longer one. The cached kernel grows by powers of two up to the
+        filter's length, so that a few evaluations of the filter MLPs serve every length."""
+        cache = self._inference_cache()
+        if "kernels" not in cache or cache["kernels"][0].shape[-1] < taps:
+            length = min(self.z.shape[1], 1 << max(taps - 1, 0).bit_length())
+            cache["kernels"] = tuple(None if mlp is None else self._kernel(mlp, length).float().contiguous()
+                                     for mlp in (self.forward_mlp, self.reverse_mlp))
+        k_fwd, k_rev = cache["kernels"]
+        return k_fwd[:, :taps], None if k_rev is None else k_rev[:, :taps]
+
     def spectrum(self, length: int, fft_size: int) -> torch.Tensor:
-        """rfft of the circular kernel, (H, fft_size//2 + 1), fp32. Cached in eval mode without gradients,
-        until the parameters change in place, `train()`/`eval()` is called or the cache is cleared."""
+        """rfft of the circular kernel, (H, fft_size//2 + 1), fp32, for inputs of at most `length` positions.
+
+        Without gradients in eval mode, spectra are cached (until a parameter changes in place, `train()` or
+        `eval()` is called or the cache is cleared) and keyed by fft_size alone: the circle then holds
+        min(fft_size // 2, l_max) taps of each kernel, which give every length up to fft_size // 2 the same
+        outputs (a tap longer than the input never meets it), so that batches of nearby lengths share one
+        spectrum. Spectra of several sizes are kept while they fit in 1.25 times the memory of one full-length
+        spectrum (a long one and short ones), each derived from the cached kernels."""
+        if fft_size < 2 * length:
+            raise ValueError(f"fft_size {fft_size} must be at least twice the length {length}")
         if self.training or torch.is_grad_enabled():
             return torch.fft.rfft(self.circular_kernel(length, fft_size).float(), n=fft_size)
-        key = (length, fft_size) + tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if key not in self._spectrum_cache:
-            self._spectrum_cache.clear()
-            self._spectrum_cache[key] = torch.fft.rfft(self.circular_kernel(length, fft_size).float(), n=fft_size)
-        return self._spectrum_cache[key]
+        spectra = self._inference_cache()["spectra"]
+        if fft_size in spectra:
+            spectra.move_to_end(fft_size)
+            return spectra[fft_size]
+        taps = min(fft_size // 2, self.z.shape[1])
+        spectra[fft_size] = spectrum = torch.fft.rfft(self._circular(*self._cached_kernels(taps), fft_size))
+        # Room for one full-length spectrum and a quarter more: short ones (queries) live beside a long one,
+        # two long ones do not.
+        budget = 5 * spectrum.element_size() * spectrum.shape[0] * (self.z.shape[1] + 1) // 4
+        while len(spectra) > 1 and sum(s.numel() * s.element_size() for s in spectra.values()) > budget:
+            spectra.popitem(last=False)
+        return spectrum
 
     def forward(self, u: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         """u: (B, H, L) -> (B, H, L)."""
@@ -162,11 +206,20 @@ class MonarchMixerSequenceMixer(nn.Module):
         self.long_conv = HyenaFilter(**filter_args)
         self.residual_long_conv = HyenaFilter(**filter_args) if config.residual_long_conv else None
         self.out_proj = nn.Linear(h, h)
+        self.prepared_weights = cpu_ops.PreparedWeights()  # bf16 / int8 projections of the CPU path
+
+    def train(self, mode: bool = True) -> "MonarchMixerSequenceMixer":
+        self.prepared_weights.clear()  # as HyenaFilter.train
+        return super().train(mode)
 
     def forward(self, u: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         """u: (B, L, H) -> (B, L, H)."""
-        projected = self.in_proj(u).transpose(1, 2)  # (B, 3H, L)
         residual = self.residual_long_conv
+        if plan.cpu_inference:  # the input projection written channels-first, in the plan's precision
+            projected = cpu_ops.linear_channels_first(u, self.in_proj.weight, self.in_proj.bias, plan.precision,
+                                                      self.prepared_weights)
+        else:
+            projected = self.in_proj(u).transpose(1, 2)  # (B, 3H, L)
         y = kernels.monarch_mixer_core(
             projected,
             u.transpose(1, 2),  # (B, H, L)
@@ -180,6 +233,9 @@ class MonarchMixerSequenceMixer(nn.Module):
             plan.keep,
             implementation=plan.kernel_implementation,
         )  # (B, H, L)
+        if plan.cpu_inference:
+            return cpu_ops.linear_from_channels_first(y, self.out_proj.weight, self.out_proj.bias, plan.precision,
+                                                      self.prepared_weights)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -207,12 +263,20 @@ class MonarchGLUMLP(nn.Module):
         self.out_proj = BlockDiagonalLinear(config.intermediate_size, config.hidden_size, n, bias=True)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.prepared_weights = cpu_ops.PreparedWeights()  # bf16 / int8 blocks of the CPU path
+
+    def train(self, mode: bool = True) -> "MonarchGLUMLP":
+        self.prepared_weights.clear()  # as HyenaFilter.train
+        return super().train(mode)
 
     def forward(self, a: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
-        """a: (B, L, H) -> (B, L, H)."""
+        """a: (B, L, H) -> (B, L, H) float32 (a may be bfloat16 on the CPU path)."""
         # out(GELU(gate) * value) with [gate, value] = gate_value_proj(a), each (B, L, I)
-        h = kernels.block_diagonal_glu(a, self.gate_value_proj.weight, self.out_proj.weight, self.out_proj.bias,
-                                       implementation=plan.kernel_implementation)
+        weights = (a, self.gate_value_proj.weight, self.out_proj.weight, self.out_proj.bias)
+        if plan.cpu_inference:
+            h = cpu_ops.block_diagonal_glu(*weights, precision=plan.precision, prepared=self.prepared_weights)
+        else:
+            h = kernels.block_diagonal_glu(*weights, implementation=plan.kernel_implementation)
         return self.layer_norm(self.dropout(h) + a)
 
 
@@ -327,7 +391,8 @@ class M2BertModel(M2BertPreTrainedModel):
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
 
-    def forward_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ForwardPlan:
+    def forward_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     precision: str = "fp32") -> ForwardPlan:
         length = input_ids.shape[1]
         max_length = self.config.max_position_embeddings
         if length > max_length:
@@ -338,24 +403,37 @@ class M2BertModel(M2BertPreTrainedModel):
             keep = attention_mask[:, None, :].to(self.embeddings.word_embeddings.weight.dtype)  # (B, 1, L)
         # `reference` mode must reproduce the authors' FFT of exactly 2L; `masked` may use any size >= 2L.
         fft_size = 2 * length if self.config.padding_mode == "reference" else fast_fft_size(2 * length)
+        cpu_inference = kernels.uses_cpu_path(self.config.kernel_implementation, input_ids)
+        cpu_ops.check_precision(precision)
+        if precision == "int8" and input_ids.device.type != "cpu":
+            raise ValueError(f"precision 'int8' runs on CPU only (the input is on {input_ids.device})")
+        if precision != "fp32" and input_ids.device.type == "cpu" and not cpu_inference:
+            raise ValueError(f"precision {precision!r} runs on the CPU inference path, which this forward pass "
+                             "does not take: it needs torch.no_grad() and kernel_implementation auto or cpu")
         return ForwardPlan(length=length, fft_size=fft_size, keep=keep,
-                           kernel_implementation=self.config.kernel_implementation)
+                           kernel_implementation=self.config.kernel_implementation, cpu_inference=cpu_inference,
+                           precision=precision)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+                token_type_ids: torch.Tensor | None = None, precision: str = "fp32") -> BaseModelOutputWithPooling:
         """input_ids: (B, L) with L <= max_position_embeddings.
 
         In `reference` mode the attention mask is ignored, exactly as in the authors' encoder (pad to the
         full length to reproduce their embeddings); in `masked` mode it removes padding's influence.
+        `precision` (`fp32`, `bf16` or `int8`: see `model.cpu_ops`) is that of the GEMMs on the CPU inference
+        path; on CUDA, `bf16` runs the pass under bf16 autocast.
         """
-        plan = self.forward_plan(input_ids, attention_mask)
-        h = self.embeddings(input_ids, token_type_ids)  # (B, L, H)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, plan, use_reentrant=False)
-            else:
-                h = layer(h, plan)
-        pooled = self.pooler(h) if self.pooler is not None else None
+        plan = self.forward_plan(input_ids, attention_mask, precision)
+        autocast = torch.autocast(input_ids.device.type, dtype=torch.bfloat16,
+                                  enabled=precision == "bf16" and not plan.cpu_inference)
+        with autocast:
+            h = self.embeddings(input_ids, token_type_ids)  # (B, L, H)
+            for layer in self.layers:
+                if self.gradient_checkpointing and self.training:
+                    h = checkpoint(layer, h, plan, use_reentrant=False)
+                else:
+                    h = layer(h, plan)
+            pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -388,11 +466,13 @@ class M2BertModel(M2BertPreTrainedModel):
         return self(**features).pooler_output
 
     def encode(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
-               show_progress_bar: bool = False) -> np.ndarray:
-        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order (see
-        `model.batching.encode_in_batches`)."""
-        return encode_in_batches(self, lambda batch: self.embed(batch, max_length), texts, batch_size,
-                                 show_progress_bar, description="encode m2-bert")
+               show_progress_bar: bool = False, precision: str | None = None) -> np.ndarray:
+        """Embed texts: (N, H) float32 numpy array of pooler outputs, in input order; `precision` `fp32` or
+        `bf16` (default: bf16 on CUDA, fp32 on CPU). See `model.batching.encode_in_batches`."""
+        return encode_in_batches(self, lambda batch: self.tokenize(batch, max_length),
+                                 lambda features, precision: self(**features, precision=precision).pooler_output,
+                                 texts, batch_size, self.config.hidden_size, show_progress_bar,
+                                 description="encode m2-bert", precision=precision)
 
 
 class M2BertMLMHead(nn.Module):

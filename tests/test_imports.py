@@ -19,11 +19,11 @@ FORBIDDEN = {"model": {"dataprep", "train", "eval"}, "dataprep": {"train"}, "eva
 
 # model/ from the bottom up; a module may import the model modules of the layers before its own.
 MODEL_LAYERS = [
-    {"configuration_m2_bert", "tokenizer", "batching"},
-    {"ops", "loading"},
+    {"configuration_m2_bert", "tokenizer", "cpu_ops"},
+    {"batching", "ops", "loading"},
     {"kernels"},
     {"modeling_m2_bert"},
-    {"st_module", "embed", "auto"},
+    {"st_module", "embed", "auto", "export_onnx"},
     {"encoders"},
     {"__init__"},
 ]
