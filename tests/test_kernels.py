@@ -352,6 +352,7 @@ def kernels_on_cpu(emulated, fresh_override, monkeypatch):
     the first-call check's memory starts empty."""
     monkeypatch.setattr(kernels, "_unsupported_reason", lambda *args: None)
     monkeypatch.setattr(kernels, "_glu_unsupported_reason", lambda *args: None)
+    monkeypatch.setattr(kernels, "_cpu_unsupported_reason", lambda *args: "tensors taken as CUDA ones by the test")
     monkeypatch.setattr(kernels, "_agreement", {})
     monkeypatch.setattr(kernels, "_disabled", {})
     kernels._log_fallback_once.cache_clear()
