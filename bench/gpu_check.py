@@ -643,10 +643,10 @@ def working_mixture(ctx: Context) -> Path:
 
 
 def pretrain_plan(ctx: Context, steps: int) -> PretrainPlan:
-    """The pretraining runs' overrides of configs/pretrain_80M_8k.yaml: a few dozen bf16 steps of 8 x 8192
+    """The pretraining runs' overrides of configs/pretrain_80M_8k.yaml: a few dozen amp_bf16 steps of 8 x 8192
     positions on the carried mixture (a tiny model, 4 steps of one sample on the CPU for --dry-run)."""
     overrides = [f"data.manifest={working_mixture(ctx)}", "training.log_every=1", "training.keep_last=2",
-                 "output.tensorboard=false", "training.precision=bf16"]
+                 "output.tensorboard=false", "training.precision=amp_bf16"]
     if ctx.dry_run:
         steps, micro_batch = 4, 1
         overrides += ["model.preset=m2-bert-tiny", "training.device=cpu", "data.eval_samples=2",

@@ -70,13 +70,25 @@ def _cpu_unsupported_reason(tensor: torch.Tensor) -> str | None:
         return f"the tensors are on {tensor.device}"
     if torch.is_grad_enabled():
         return "autograd is recording (the CPU path is for inference: run under torch.no_grad())"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on (the CPU path has its own precision: encode(..., precision=...))"
     return None
+
+
+def _in_autocast_dtype(tensors: tuple, like: torch.Tensor) -> tuple:
+    """`tensors` with the floating ones in `like`'s dtype when autocast runs on its device in that dtype, else
+    unchanged. Under autocast the projections come out in bfloat16 while the residual stream and the weights
+    stay float32; the kernels take one dtype, so the others join it, as autocast does for a matmul's inputs."""
+    device_type = like.device.type
+    if not torch.is_autocast_enabled(device_type) or like.dtype != torch.get_autocast_dtype(device_type):
+        return tensors
+    return tuple(t.to(like.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def uses_cpu_path(implementation: str, tensor: torch.Tensor) -> bool:
     """Whether a forward pass on `tensor` with `kernel_implementation=implementation` (which `M2_KERNELS`
     overrides) runs through `model.cpu_ops`: in `cpu` mode always (or an error that says why it cannot), in
-    `auto` mode for CPU tensors while autograd is not recording."""
+    `auto` mode for CPU tensors while autograd is not recording and autocast is off."""
     mode = resolve_mode(implementation)
     if mode not in ("auto", "cpu"):
         return False
@@ -539,43 +551,48 @@ def monarch_mixer_core(
     keep: torch.Tensor | None = None,
     *,
     implementation: str = "auto",
+    cpu_path: bool | None = None,
 ) -> torch.Tensor:
     """The sequence mixer between its projections (see `model.ops.monarch_mixer_core` for the contract),
     through the fused kernels, the CPU path or the PyTorch reference as `implementation` (a
-    `kernel_implementation`, which `M2_KERNELS` overrides) and the input allow."""
+    `kernel_implementation`, which `M2_KERNELS` overrides) and the input allow. `cpu_path` is a forward
+    pass's own decision about the CPU path (`ForwardPlan.cpu_inference`); None decides from the input."""
     args = (projected, layer_input, short_conv_weight, short_conv_bias, long_conv_spectrum, long_conv_d,
             residual_conv_spectrum, residual_conv_d, fft_size, keep)
-    if uses_cpu_path(implementation, projected):
+    if uses_cpu_path(implementation, projected) if cpu_path is None else cpu_path:
         return cpu_ops.monarch_mixer_core(*args)
     mode = resolve_mode(implementation)
     if mode != "torch":
         length = projected.shape[-1]
         residual, masked = residual_conv_spectrum is not None, keep is not None
         key = (projected.dtype, projected.device, transform_size(length), residual, masked)
-        reason = _unsupported_reason(projected, layer_input, long_conv_spectrum, residual_conv_spectrum, keep)
+        (kernel_layer_input,) = _in_autocast_dtype((layer_input,), projected)
+        reason = _unsupported_reason(projected, kernel_layer_input, long_conv_spectrum, residual_conv_spectrum, keep)
         if _use_kernels(mode, reason, "monarch_mixer_core", key,
                         lambda: _mixer_agreement(projected.dtype, projected.device, length, residual, masked)):
-            return fused_monarch_mixer_core(*args)
+            return fused_monarch_mixer_core(projected, kernel_layer_input, *args[2:])
     return torch_monarch_mixer_core(*args)
 
 
 def block_diagonal_glu(a: torch.Tensor, gate_value_weight: torch.Tensor, out_weight: torch.Tensor,
-                       out_bias: torch.Tensor | None, *, implementation: str = "auto") -> torch.Tensor:
+                       out_bias: torch.Tensor | None, *, implementation: str = "auto",
+                       cpu_path: bool | None = None) -> torch.Tensor:
     """The GLU MLP before its dropout and LayerNorm: out(GELU(gate) * value), [gate, value] = gate_value(a).
 
     a: (..., H); gate_value_weight: (n, 2I/n, H/n) and out_weight: (n, H/n, I/n), block-diagonal as in
     `model.ops.block_diagonal_linear`; out_bias: (H,) or None. Through the GEMM-layout path with the fused
     GELU gate, the CPU path or the PyTorch reference, as `implementation` (which `M2_KERNELS` overrides) and
-    the input allow.
+    the input allow; `cpu_path` as in `monarch_mixer_core`.
     """
-    if uses_cpu_path(implementation, a):
+    if uses_cpu_path(implementation, a) if cpu_path is None else cpu_path:
         return cpu_ops.block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
     mode = resolve_mode(implementation)
     if mode != "torch":
         bias = out_bias is not None
         key = (a.dtype, a.device, tuple(gate_value_weight.shape), tuple(out_weight.shape), bias)
-        reason = _glu_unsupported_reason(a, gate_value_weight, out_weight, out_bias)
+        weights = _in_autocast_dtype((gate_value_weight, out_weight, out_bias), a)
+        reason = _glu_unsupported_reason(a, *weights)
         if _use_kernels(mode, reason, "block_diagonal_glu", key,
                         lambda: _glu_agreement(a.dtype, a.device, key[2], key[3], bias)):
-            return fused_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)
+            return fused_block_diagonal_glu(a, *weights)
     return torch_block_diagonal_glu(a, gate_value_weight, out_weight, out_bias)

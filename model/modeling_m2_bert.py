@@ -82,10 +82,15 @@ class ImplicitFilterMLP(nn.Module):
         self.out_proj = nn.Linear(order, d_model, bias=False)
 
     def forward(self, z: torch.Tensor, sin_freq: torch.Tensor, w_mod: float) -> torch.Tensor:
-        h = torch.sin(w_mod * sin_freq * self.in_proj(z))
+        """z: (1, L, E) -> (1, L, H), in float32 whatever the parameters' dtype (see `HyenaFilter._kernel`)."""
+        h = torch.sin(w_mod * sin_freq * _float32_linear(self.in_proj, z))
         for layer in self.hidden:
-            h = torch.sin(w_mod * sin_freq * layer(h))
-        return self.out_proj(h)
+            h = torch.sin(w_mod * sin_freq * _float32_linear(layer, h))
+        return _float32_linear(self.out_proj, h)
+
+
+def _float32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 
 class HyenaFilter(nn.Module):
@@ -110,8 +115,12 @@ class HyenaFilter(nn.Module):
         self._spectrum_cache: dict = {}
 
     def _kernel(self, mlp: ImplicitFilterMLP, length: int) -> torch.Tensor:
-        z, t = self.z[:, :length], self.t[:, :length]
-        h = mlp(z, self.sin_freq, self.w_mod) * torch.exp(-t * self.decay_rates.abs())  # (1, L, H)
+        """(H, L) in float32, outside autocast, whatever the model's dtype: the filter MLP takes sin() of
+        arguments up to ~15 rad, which bfloat16 resolves to ~0.06 rad (a ~20% error in the kernel)."""
+        with torch.autocast(self.z.device.type, enabled=False):
+            z, t = self.z[:, :length].float(), self.t[:, :length].float()
+            decay = torch.exp(-t * self.decay_rates.float().abs())  # (1, L, H)
+            h = mlp(z, self.sin_freq.float(), self.w_mod) * decay  # (1, L, H)
         return h[0].transpose(0, 1)  # (H, L)
 
     def circular_kernel(self, length: int, fft_size: int) -> torch.Tensor:
@@ -232,6 +241,7 @@ class MonarchMixerSequenceMixer(nn.Module):
             plan.fft_size,
             plan.keep,
             implementation=plan.kernel_implementation,
+            cpu_path=plan.cpu_inference,
         )  # (B, H, L)
         if plan.cpu_inference:
             return cpu_ops.linear_from_channels_first(y, self.out_proj.weight, self.out_proj.bias, plan.precision,
@@ -276,7 +286,7 @@ class MonarchGLUMLP(nn.Module):
         if plan.cpu_inference:
             h = cpu_ops.block_diagonal_glu(*weights, precision=plan.precision, prepared=self.prepared_weights)
         else:
-            h = kernels.block_diagonal_glu(*weights, implementation=plan.kernel_implementation)
+            h = kernels.block_diagonal_glu(*weights, implementation=plan.kernel_implementation, cpu_path=False)
         return self.layer_norm(self.dropout(h) + a)
 
 
@@ -403,7 +413,11 @@ class M2BertModel(M2BertPreTrainedModel):
             keep = attention_mask[:, None, :].to(self.embeddings.word_embeddings.weight.dtype)  # (B, 1, L)
         # `reference` mode must reproduce the authors' FFT of exactly 2L; `masked` may use any size >= 2L.
         fft_size = 2 * length if self.config.padding_mode == "reference" else fast_fft_size(2 * length)
-        cpu_inference = kernels.uses_cpu_path(self.config.kernel_implementation, input_ids)
+        weights = self.embeddings.word_embeddings.weight
+        # The CPU path takes float32 weights (its bf16 GEMMs come from `precision`); a model cast to another
+        # dtype runs the reference.
+        cpu_inference = weights.dtype == torch.float32 and kernels.uses_cpu_path(self.config.kernel_implementation,
+                                                                                 weights)
         cpu_ops.check_precision(precision)
         if precision == "int8" and input_ids.device.type != "cpu":
             raise ValueError(f"precision 'int8' runs on CPU only (the input is on {input_ids.device})")

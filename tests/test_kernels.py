@@ -4,6 +4,7 @@ test_kernels_cuda.py, which reuses the helpers at the top of this file."""
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import subprocess
@@ -314,7 +315,7 @@ def test_emulated_model_matches_the_pytorch_path(emulated, monkeypatch):
     with torch.no_grad():
         expected = model(input_ids, attention_mask).last_hidden_state
         monkeypatch.setattr(kernels, "monarch_mixer_core",
-                            lambda *a, implementation: kernels.fused_monarch_mixer_core(*a, extension=emulated))
+                            lambda *a, **options: kernels.fused_monarch_mixer_core(*a, extension=emulated))
         actual = model(input_ids, attention_mask).last_hidden_state
     assert relative_error(actual, expected) < 1e-5
 
@@ -323,20 +324,23 @@ def test_emulated_model_matches_the_pytorch_path(emulated, monkeypatch):
 
 class WrongExtension:
     """The emulated extension with one of its functions made wrong (scaled by `factor`), as a miscompiled
-    or misrunning build would be; counts the mixer's forward launches."""
+    or misrunning build would be; counts the launches of each function (`calls`)."""
 
     def __init__(self, extension, wrong: str | None = None, factor: float = 1.05):
         self.extension, self.wrong, self.factor = extension, wrong, factor
-        self.mixer_forwards = 0
+        self.calls = collections.Counter()
+
+    @property
+    def mixer_forwards(self) -> int:
+        return self.calls["mixer_forward"]
 
     def __getattr__(self, name):
         function = getattr(self.extension, name)
-        if name == "mixer_forward":
-            def counted(*args):
-                self.mixer_forwards += 1
-                return self._maybe_wrong(name, function(*args))
-            return counted
-        return lambda *args: self._maybe_wrong(name, function(*args))
+
+        def counted(*args):
+            self.calls[name] += 1
+            return self._maybe_wrong(name, function(*args))
+        return counted
 
     def _maybe_wrong(self, name, result):
         if name != self.wrong:
@@ -382,6 +386,28 @@ def test_first_call_check_passes_for_good_kernels_and_runs_once_per_kind(kernels
         kernels.monarch_mixer_core(*mixer_case(1, 16, 1000, torch.float32, "masked"))  # another transform size
     assert extension.mixer_forwards == 4 + 2
     assert not guard_warnings(caplog)
+
+
+def test_under_autocast_the_kernels_take_the_bfloat16_projections(kernels_on_cpu):
+    """Autocast (`training.precision=amp_bf16`) makes the projections bf16 while the layer input and the GLU
+    weights stay fp32: the dispatch joins them to bf16, so the kernel path runs (and agrees with PyTorch's)."""
+    extension = kernels_on_cpu()
+    torch.manual_seed(0)
+    model = M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", hidden_dropout_prob=0.0)).train()
+    input_ids = torch.randint(1000, 2000, (2, 90))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 60:] = 0
+
+    def hidden(implementation):
+        model.config.kernel_implementation = implementation
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids, attention_mask).last_hidden_state.float()
+
+    reference = hidden("torch")
+    assert not extension.calls
+    actual = hidden("auto")
+    assert extension.calls["mixer_forward"] > 0 and extension.calls["gelu_gate_forward"] > 0
+    assert relative_error(actual, reference) < 2e-2
 
 
 @pytest.mark.parametrize("wrong, what", [("mixer_forward", "output"), ("mixer_backward", "gradient of projected")])

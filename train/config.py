@@ -52,7 +52,7 @@ class TrainingSection:
     epochs: int | None = None
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # bf16 on GPU, fp32 on CPU (train.distributed.resolve_precision)
+    precision: str = "auto"  # amp_bf16 on GPU, fp32 on CPU (train.distributed.resolve_precision)
     log_every: int = 10
     eval_every: int = 500
     eval_batch_size: int | None = None  # None: micro_batch_size
