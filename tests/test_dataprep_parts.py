@@ -69,7 +69,7 @@ def test_parquet_problems_are_file_level_records():
     assert outcomes(read(BAD / "not-a-parquet.parquet", "wikipedia")) == [(0, records.NOT_PARQUET)]
     assert outcomes(read(BAD / "wikipedia-no-text-column.parquet", "wikipedia")) == [(0, records.MISSING_TEXT_COLUMN)]
     rows = read(next((SAMPLE / "wikipedia").rglob("*.parquet")), "wikipedia")
-    assert len(rows) == 61 and set(rows[0].payload) == {"id", "url", "title", "text"}
+    assert len(rows) == 61 and set(rows[0].payload) == {"text"} and isinstance(rows[0].payload["text"], bytes)
 
 
 def test_unknown_file_kinds_are_reported():
