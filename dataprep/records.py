@@ -63,9 +63,11 @@ class Document(NamedTuple):
 
 
 class TokenizedDocument(NamedTuple):
-    """A document's token ids (no special tokens) and where it goes: split and output partition."""
+    """A document's token ids (no special tokens), with where it was read (to keep the first of its copies)."""
 
     source: str
+    file: str
+    line: int
     digest: str
     ids: np.ndarray       # (n_tokens,) uint16
 

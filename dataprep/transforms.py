@@ -1,7 +1,10 @@
 """The Beam transforms of the mixture pipeline, each a small named step.
 
-    (source, path) -> ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates -> TokenizeDocuments
-      -> AssignSplitsAndPartitions -> GroupByKey -> WritePartitions (MDS, one folder per stream and partition)
+    (source, path) -> ReadCorpusFiles -> ParseDocuments -> TokenizeDocuments
+      -> WritePartitions: group by hash partition, drop exact copies, split, write MDS (a folder per stream and partition)
+
+Token ids cross a shuffle once (into their hash partition); what the split rule needs from the whole
+corpus (per source: the smallest hash and the count) comes from hashes alone.
 
 Every step that leaves something out emits a `Tally` (and counts it in a Beam counter, for progress);
 `CountTallies` adds them up per file and outcome for the run summary. Nothing here depends on how a runner
@@ -11,11 +14,13 @@ from its documents sorted by hash.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -27,7 +32,7 @@ from apache_beam.metrics import Metrics
 from .documents import digest_fraction, parse_record, partition_of, tokenize_texts
 from .manifest import KINDS, SOURCES, stream_name
 from .readers import read_records
-from .records import (DOCUMENT, DUPLICATE, TOO_SHORT, BadInputError, BadRecord, Document, Tally, TokenizedDocument,
+from .records import (DOCUMENT, DUPLICATE, TOO_SHORT, BadInputError, BadRecord, Tally, TokenizedDocument,
                       bad_input_message)
 from .samples import TOKEN_DTYPE, concatenated_samples, natural_samples
 
@@ -130,32 +135,9 @@ class ParseDocuments(beam.PTransform):
         return records | "Parse" >> beam.ParDo(_ParseRecordFn(self._strict)).with_outputs(TALLIES, main="documents")
 
 
-def _copy_order(document: Document) -> tuple:
+def copy_order(document: TokenizedDocument) -> tuple:
+    """Which copy of a text is kept: the first in (source, file, line) order."""
     return SOURCES.index(document.source), document.file, document.line
-
-
-class _KeepFirstCopyFn(beam.DoFn):
-    def __init__(self):
-        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicates_removed")
-
-    def process(self, digest_and_copies):
-        _, copies = digest_and_copies
-        kept, *others = sorted(copies, key=_copy_order)
-        yield kept
-        for copy in others:
-            self._duplicates.inc()
-            yield beam.pvalue.TaggedOutput(TALLIES, Tally(copy.source, copy.file, DUPLICATE, copy.line,
-                                                          f"same text as {kept.file} line {kept.line}"))
-
-
-class DropExactDuplicates(beam.PTransform):
-    """One `Document` per content hash: the first copy in (source, file, line) order; the others are tallied."""
-
-    def expand(self, documents):
-        return (documents
-                | "KeyByDigest" >> beam.Map(lambda document: (document.digest, document))
-                | "GroupCopies" >> beam.GroupByKey()
-                | "KeepFirstCopy" >> beam.ParDo(_KeepFirstCopyFn()).with_outputs(TALLIES, main="documents"))
 
 
 class _TokenizeFn(beam.DoFn):
@@ -170,6 +152,8 @@ class _TokenizeFn(beam.DoFn):
     def setup(self):
         from model import load_tokenizer
 
+        # One worker per core already: the tokenizer's own thread pool would only oversubscribe the cores.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._tokenizer = load_tokenizer()
 
     def start_bundle(self):
@@ -186,7 +170,8 @@ class _TokenizeFn(beam.DoFn):
             self._tokens.inc(len(ids))
             self._bundle_documents += 1
             self._bundle_tokens += len(ids)
-            yield TokenizedDocument(document.source, document.digest, np.asarray(ids, dtype=TOKEN_DTYPE))
+            yield TokenizedDocument(document.source, document.file, document.line, document.digest,
+                                    np.asarray(ids, dtype=TOKEN_DTYPE))
 
     def finish_bundle(self):
         if self._bundle_documents:
@@ -194,7 +179,11 @@ class _TokenizeFn(beam.DoFn):
 
 
 class TokenizeDocuments(beam.PTransform):
-    """`Document`s -> `TokenizedDocument`s (no special tokens), dropping those under `min_tokens` tokens."""
+    """`Document`s -> `TokenizedDocument`s (no special tokens), dropping those under `min_tokens` tokens.
+
+    Every copy of a text is tokenized: de-duplicating first would send every text through a shuffle
+    (`WritePartitions` drops the copies instead, where they meet anyway), and exact copies are rare.
+    """
 
     def __init__(self, min_tokens: int):
         super().__init__()
@@ -206,77 +195,117 @@ class TokenizeDocuments(beam.PTransform):
                 | "Tokenize" >> beam.ParDo(_TokenizeFn(self._min_tokens)).with_outputs(TALLIES, main="documents"))
 
 
-def _split_of(document: TokenizedDocument, fraction: float, first_per_source: dict, count_per_source: dict) -> str:
-    # Held out by hash; with a non-zero fraction, a source with no document under it still gives its
-    # smallest-hash document to validation (unless it has only one), so small corpora get a validation set
-    # from every source.
-    if digest_fraction(document.digest) < fraction:
+class CountKeptPerSource(beam.PTransform):
+    """`TokenizedDocument`s -> (smallest hash per source, documents per source), over the copies kept.
+
+    Only hashes and copy positions travel here; the split rule needs these two numbers per source.
+    """
+
+    def expand(self, documents):
+        kept = (documents
+                | "CopyPositions" >> beam.Map(lambda document: (document.digest, copy_order(document)))
+                | "FirstCopy" >> beam.CombinePerKey(min)
+                | "BySource" >> beam.MapTuple(lambda digest, order: (SOURCES[order[0]], digest)))
+        smallest = kept | "SmallestHash" >> beam.CombinePerKey(min)  # hex digests sort as their numbers
+        counts = kept | "CountPerSource" >> beam.combiners.Count.PerKey()
+        return smallest, counts
+
+
+def split_of(source: str, digest: str, fraction: float, first_per_source: dict, count_per_source: dict) -> str:
+    """Validation or train, from the content hash.
+
+    With a non-zero fraction, a source with no document under it still gives its smallest-hash document
+    to validation (unless it has only one), so small corpora get a validation set from every source.
+    """
+    if digest_fraction(digest) < fraction:
         return "validation"
-    if (fraction > 0 and count_per_source[document.source] > 1
-            and first_per_source[document.source] == document.digest):
+    if fraction > 0 and count_per_source[source] > 1 and first_per_source[source] == digest:
         return "validation"
     return "train"
 
 
-class AssignSplitsAndPartitions(beam.PTransform):
-    """`TokenizedDocument`s -> ((source, split, partition), (digest, ids)), all three chosen from the content hash."""
-
-    def __init__(self, validation_fraction: float, partitions: int):
-        super().__init__()
-        self._fraction = validation_fraction
-        self._partitions = partitions
-
-    def expand(self, documents):
-        by_source = documents | "KeyBySource" >> beam.Map(lambda document: (document.source, document.digest))
-        first = (by_source
-                 | "SmallestHash" >> beam.CombinePerKey(min))  # hex digests sort as their numbers
-        counts = by_source | "CountPerSource" >> beam.combiners.Count.PerKey()
-        return documents | "Assign" >> beam.Map(self._assign, beam.pvalue.AsDict(first), beam.pvalue.AsDict(counts))
-
-    def _assign(self, document, first_per_source, count_per_source):
-        split = _split_of(document, self._fraction, first_per_source, count_per_source)
-        key = (document.source, split, partition_of(document.digest, self._partitions))
-        return key, (document.digest, document.ids)
-
-
 class _WritePartitionFn(beam.DoFn):
-    """Writes the natural and concatenated MDS samples of one (source, split, partition) group."""
+    """One output partition: drops exact copies, splits, and writes the natural and concatenated MDS samples
+    of each (source, split) from its documents in hash order."""
 
-    def __init__(self, staging: str, seq_len: int, min_tokens: int):
+    def __init__(self, staging: str, seq_len: int, min_tokens: int, validation_fraction: float):
         self._staging = staging
         self._seq_len = seq_len
         self._min_tokens = min_tokens
+        self._fraction = validation_fraction
         self._samples = Metrics.counter(METRICS_NAMESPACE, "samples_written")
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicates_removed")
 
-    def process(self, key_and_documents):
-        (source, split, partition), documents = key_and_documents
-        ordered = [ids for _, ids in sorted(documents, key=lambda digest_and_ids: digest_and_ids[0])]
-        document_tokens = sum(len(ids) for ids in ordered)
-        builders = {"natural": natural_samples(ordered, self._seq_len, self._min_tokens),
-                    "concat": concatenated_samples(ordered, self._seq_len)}
+    def process(self, partition_and_documents, first_per_source, count_per_source):
+        partition, documents = partition_and_documents
+        groups: dict[tuple[str, str], list[np.ndarray]] = {}
+        ordered = sorted(documents, key=lambda document: (document.digest, copy_order(document)))
+        for _, copies in itertools.groupby(ordered, key=lambda document: document.digest):
+            kept, *others = copies
+            for copy in others:
+                self._duplicates.inc()
+                yield beam.pvalue.TaggedOutput(TALLIES, Tally(copy.source, copy.file, DUPLICATE, copy.line,
+                                                              f"same text as {kept.file} line {kept.line}"))
+            split = split_of(kept.source, kept.digest, self._fraction, first_per_source, count_per_source)
+            groups.setdefault((kept.source, split), []).append(kept.ids)
+        for (source, split), ids in sorted(groups.items()):
+            yield from self._write_group(source, split, partition, ids)
+
+    def _write_group(self, source: str, split: str, partition: int, documents: list[np.ndarray]):
+        document_tokens = sum(len(ids) for ids in documents)
+        builders = {"natural": natural_samples(documents, self._seq_len, self._min_tokens),
+                    "concat": concatenated_samples(documents, self._seq_len)}
         for kind in KINDS:
             name = stream_name(source, kind)
             folder = FileSystems.join(self._staging, split, name, f"part-{partition:05d}")
-            samples, tokens = self._write(builders[kind], source, kind, folder)
+            samples, tokens = write_mds(builders[kind], source, kind, folder)
             self._samples.inc(samples)
             logger.info("wrote %s/%s partition %d: %d documents, %d samples, %d tokens",
-                        split, name, partition, len(ordered), samples, tokens)
-            yield {"split": split, "stream": name, "partition": partition, "documents": len(ordered),
+                        split, name, partition, len(documents), samples, tokens)
+            yield {"split": split, "stream": name, "partition": partition, "documents": len(documents),
                    "document_tokens": document_tokens, "samples": samples, "tokens": tokens}
 
-    def _write(self, samples, source: str, kind: str, folder: str) -> tuple[int, int]:
-        from streaming import MDSWriter
 
-        count = tokens = 0
-        with tempfile.TemporaryDirectory(prefix="mds-") as local:
-            with MDSWriter(out=local, columns=MDS_COLUMNS, compression="zstd") as writer:
-                for sample in samples:
-                    writer.write({"input_ids": sample, "source": source, "kind": kind})
-                    count += 1
-                    tokens += len(sample)
-            if count:
-                _publish(local, folder)
-        return count, tokens
+def write_mds(samples: Iterable[np.ndarray], source: str, kind: str, folder: str) -> tuple[int, int]:
+    """Writes `samples` as one MDS dataset (zstd) into `folder` (if there is any); returns samples and tokens."""
+    from streaming import MDSWriter
+
+    encode = _SampleEncoder(source, kind)
+    count = tokens = 0
+    with tempfile.TemporaryDirectory(prefix="mds-") as local:
+        with MDSWriter(out=local, columns=MDS_COLUMNS, compression="zstd") as writer:
+            for sample in samples:
+                writer.write(encode(sample))
+                count += 1
+                tokens += len(sample)
+        if count:
+            _publish(local, folder)
+    return count, tokens
+
+
+class _SampleEncoder:
+    """A sample's MDS columns as bytes, made by streaming's own encoders but not once per sample.
+
+    `source` and `kind` are the same for a whole stream, and an ndarray's encoding is a header (dtype,
+    shape) followed by the raw values, so the header is encoded once per sample length. MDSWriter takes
+    bytes as already encoded; the shards are the same bytes as from arrays and strings
+    (tests/test_dataprep_parts.py).
+    """
+
+    def __init__(self, source: str, kind: str):
+        from streaming.base.format.mds.encodings import mds_encode
+
+        self._mds_encode = mds_encode
+        self._constant = {"source": mds_encode(MDS_COLUMNS["source"], source),
+                          "kind": mds_encode(MDS_COLUMNS["kind"], kind)}
+        self._headers: dict[int, bytes] = {}
+
+    def __call__(self, sample: np.ndarray) -> dict[str, bytes]:
+        header = self._headers.get(len(sample))
+        if header is None:
+            encoded = self._mds_encode(MDS_COLUMNS["input_ids"], sample)
+            header = self._headers[len(sample)] = encoded[: len(encoded) - sample.nbytes]
+        return {"input_ids": header + sample.tobytes(), **self._constant}
 
 
 def _publish(local: str, folder: str) -> None:
@@ -288,18 +317,28 @@ def _publish(local: str, folder: str) -> None:
 
 
 class WritePartitions(beam.PTransform):
-    """Grouped documents -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, and a stats dict for each."""
+    """`TokenizedDocument`s -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, a stats dict for each,
+    and a `tallies` output for the copies dropped.
 
-    def __init__(self, staging: str, seq_len: int, min_tokens: int):
+    The partition comes from the content hash, so every copy of a text lands in the same group: the
+    first copy is kept there, and the split is chosen from the hash and the per-source side inputs.
+    """
+
+    def __init__(self, settings: PipelineSettings):
         super().__init__()
-        self._staging = staging
-        self._seq_len = seq_len
-        self._min_tokens = min_tokens
+        self._settings = settings
 
-    def expand(self, keyed_documents):
-        return (keyed_documents
+    def expand(self, documents):
+        settings = self._settings
+        smallest, counts = documents | "CountKeptPerSource" >> CountKeptPerSource()
+        return (documents
+                | "KeyByPartition" >> beam.Map(lambda document: (partition_of(document.digest, settings.partitions),
+                                                                 document))
                 | "GroupPartitions" >> beam.GroupByKey()
-                | "WriteMds" >> beam.ParDo(_WritePartitionFn(self._staging, self._seq_len, self._min_tokens)))
+                | "WriteMds" >> beam.ParDo(
+                    _WritePartitionFn(settings.staging, settings.seq_len, settings.min_tokens,
+                                      settings.validation_fraction),
+                    beam.pvalue.AsDict(smallest), beam.pvalue.AsDict(counts)).with_outputs(TALLIES, main="stats"))
 
 
 class _TallyFn(beam.CombineFn):
@@ -347,16 +386,13 @@ def build_mixture_pipeline(pipeline: beam.Pipeline, inputs: list[tuple[str, str]
     files = pipeline | "ListFiles" >> beam.Create(inputs)
     read = files | "ReadCorpusFiles" >> ReadCorpusFiles(settings.max_record_bytes, settings.strict)
     parsed = read.records | "ParseDocuments" >> ParseDocuments(settings.strict)
-    unique = parsed.documents | "DropExactDuplicates" >> DropExactDuplicates()
-    tokenized = unique.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
-    keyed = tokenized.documents | "AssignSplitsAndPartitions" >> AssignSplitsAndPartitions(
-        settings.validation_fraction, settings.partitions)
-    stats = keyed | "WritePartitions" >> WritePartitions(settings.staging, settings.seq_len, settings.min_tokens)
+    tokenized = parsed.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
+    written = tokenized.documents | "WritePartitions" >> WritePartitions(settings)
 
-    tallies = ((read[TALLIES], parsed[TALLIES], unique[TALLIES], tokenized[TALLIES])
+    tallies = ((read[TALLIES], parsed[TALLIES], tokenized[TALLIES], written[TALLIES])
                | "AllTallies" >> beam.Flatten()
                | "CountTallies" >> CountTallies())
-    for name, collection in (("partitions", stats), ("tallies", tallies)):
+    for name, collection in (("partitions", written.stats), ("tallies", tallies)):
         (collection
          | f"Format{name.capitalize()}" >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
          | f"Save{name.capitalize()}" >> beam.io.WriteToText(FileSystems.join(work_folder, name),

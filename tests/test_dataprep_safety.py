@@ -3,7 +3,7 @@
 It never deletes or overwrites what is not its own earlier output, never runs twice into one folder, and
 counts text that is not Unicode as bad records instead of crashing (docs/reliability.md, "Data preparation",
 names each promise and its test). Refusals happen before any Beam work, so most tests call `main()` in
-process; the four pipeline runs use a tiny corpus in the runner's own process.
+process; the three pipeline runs use a tiny corpus in the runner's own process.
 """
 
 from __future__ import annotations
@@ -119,16 +119,6 @@ def test_text_that_is_not_unicode_is_a_counted_bad_record_on_every_path(earlier)
     assert "Traceback" not in stderr
 
 
-def test_strict_stops_at_a_lone_surrogate_naming_the_file_and_line(tmp_path, corpus):
-    out = tmp_path / "strict"
-    completed = run_cli("--out", str(out), "--strict", "--c4", str(corpus["root"] / "c4-surrogate-only"),
-                        "--wikipedia", str(corpus["root"] / "wikipedia-good"), "--books", str(corpus["root"] / "books-good"))
-    assert completed.returncode == 2
-    surrogates = corpus["root"] / "c4-surrogate-only" / "surrogates.jsonl.gz"
-    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: {surrogates} line 2: unpaired_surrogate (U+D800")
-    assert not out.exists() and siblings(out) == []
-
-
 def test_non_utf8_file_names_are_refused_before_any_work(tmp_path, capsys):
     folder = tmp_path / "c4"
     folder.mkdir()
@@ -212,11 +202,14 @@ def test_an_earlier_output_is_replaced_only_with_overwrite(earlier_copy, capsys,
     assert (earlier_copy / "train" / "c4-natural" / "notes.txt").read_text() == "mine"
 
 
-def test_a_failed_overwrite_keeps_the_earlier_output(earlier_copy, corpus):
+def test_strict_stops_at_a_lone_surrogate_and_a_failed_overwrite_keeps_the_earlier_output(earlier_copy, corpus):
     before = file_digests(earlier_copy)
-    completed = run_cli("--out", str(earlier_copy), *corpus_args(corpus), "--overwrite", "--strict")
+    completed = run_cli("--out", str(earlier_copy), "--overwrite", "--strict",
+                        "--c4", str(corpus["root"] / "c4-surrogate-only"),
+                        "--wikipedia", str(corpus["root"] / "wikipedia-good"), "--books", str(corpus["root"] / "books-good"))
     assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: {corpus['root']}")
+    surrogates = corpus["root"] / "c4-surrogate-only" / "surrogates.jsonl.gz"
+    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: {surrogates} line 2: unpaired_surrogate (U+D800")
     assert file_digests(earlier_copy) == before and siblings(earlier_copy) == []
 
 
