@@ -1,4 +1,4 @@
-"""After the Beam run: merge the partition indexes, write the manifest and summary, and move the result into place.
+"""Assembling the result: merged stream indexes, the manifest and the summary, and moving it into place.
 
 The pipeline writes everything under a staging folder (`<out>.partial`); only a complete result, manifest
 included, is published as `<out>` (dataprep.output). An interrupted run therefore leaves no `<out>` with a
@@ -31,24 +31,23 @@ def read_json_lines(pattern: str) -> list[dict]:
     return rows
 
 
-def merge_stream_indexes(staging: str, partition_stats: list[dict]) -> None:
-    """Writes `<split>/<stream>/index.json` over each stream's partitions (an empty index for an empty stream)."""
+def merge_stream_index(staging: str, split: str, name: str, partitions: list[int]) -> None:
+    """Writes `<split>/<stream>/index.json` over the stream's partitions (in a worker, which has streaming loaded)."""
     from streaming.base.util import merge_index
 
-    written: dict[tuple[str, str], list[int]] = {}
-    for row in partition_stats:
-        if row["samples"]:
-            written.setdefault((row["split"], row["stream"]), []).append(row["partition"])
+    folder = FileSystems.join(staging, split, name)
+    indexes = [FileSystems.join(folder, f"part-{partition:05d}", "index.json") for partition in sorted(partitions)]
+    with _root_warnings_silenced():  # merge_index warns about its temporary folder on every call
+        merge_index(indexes, folder)
+
+
+def write_empty_indexes(staging: str, partition_stats: list[dict]) -> None:
+    """An empty MDS index for each stream without samples (the others are merged by the pipeline)."""
+    written = {(row["split"], row["stream"]) for row in partition_stats if row["samples"]}
     for split in SPLITS:
         for name in STREAM_NAMES:
-            folder = FileSystems.join(staging, split, name)
-            partitions = sorted(written.get((split, name), []))
-            if not partitions:
-                write_text(FileSystems.join(folder, "index.json"), json.dumps(EMPTY_MDS_INDEX))
-                continue
-            indexes = [FileSystems.join(folder, f"part-{partition:05d}", "index.json") for partition in partitions]
-            with _root_warnings_silenced():  # merge_index warns about its temporary folder on every call
-                merge_index(indexes, folder)
+            if (split, name) not in written:
+                write_text(FileSystems.join(staging, split, name, "index.json"), json.dumps(EMPTY_MDS_INDEX))
 
 
 @contextlib.contextmanager

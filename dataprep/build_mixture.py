@@ -90,12 +90,12 @@ def build_mixture(config: MixtureConfig, beam_args: list[str] | None = None) -> 
             if message is None:
                 raise
             raise BadInputError(message) from None
-        logger.info("pipeline finished in %.1f s; merging indexes and writing the manifest",
+        logger.info("pipeline finished in %.1f s; writing the manifest",
                     time.monotonic() - started)
 
         partition_stats = assemble.read_json_lines(FileSystems.join(work, "partitions*.jsonl"))
         tallies = assemble.read_json_lines(FileSystems.join(work, "tallies*.jsonl"))
-        assemble.merge_stream_indexes(staging, partition_stats)
+        assemble.write_empty_indexes(staging, partition_stats)
         totals = assemble.stream_totals(partition_stats)
         manifest = assemble.build_manifest(config.seq_len, config.proportions, totals)
         settings_record = {key: value for key, value in asdict(config).items() if key not in OUTPUT_FIELDS}

@@ -2,6 +2,7 @@
 
     (source, path) -> ReadCorpusFiles -> ParseDocuments -> TokenizeDocuments
       -> WritePartitions: group by hash partition, drop exact copies, split, write MDS (a folder per stream and partition)
+      -> MergeStreamIndexes (one MDS index per stream)
 
 Token ids cross a shuffle once (into their hash partition); what the split rule needs from the whole
 corpus (per source: the smallest hash and the count) comes from hashes alone.
@@ -29,6 +30,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from .assemble import merge_stream_index
 from .documents import digest_fraction, parse_record, partition_of, tokenize_texts
 from .manifest import KINDS, SOURCES, stream_name
 from .readers import read_records
@@ -341,6 +343,26 @@ class WritePartitions(beam.PTransform):
                     beam.pvalue.AsDict(smallest), beam.pvalue.AsDict(counts)).with_outputs(TALLIES, main="stats"))
 
 
+class MergeStreamIndexes(beam.PTransform):
+    """Partition stats -> one merged MDS `index.json` per stream with samples, written where the workers are.
+
+    In the pipeline rather than in the launching process: the workers have streaming loaded already.
+    """
+
+    def __init__(self, staging: str):
+        super().__init__()
+        self._staging = staging
+
+    def expand(self, stats):
+        staging = self._staging
+        return (stats
+                | "WithSamples" >> beam.Filter(lambda row: row["samples"] > 0)
+                | "KeyByStream" >> beam.Map(lambda row: ((row["split"], row["stream"]), row["partition"]))
+                | "GroupStreams" >> beam.GroupByKey()
+                | "Merge" >> beam.MapTuple(lambda stream, partitions: merge_stream_index(staging, *stream,
+                                                                                         list(partitions))))
+
+
 class _TallyFn(beam.CombineFn):
     """Count, and the first few (line, detail) examples by line number."""
 
@@ -388,6 +410,7 @@ def build_mixture_pipeline(pipeline: beam.Pipeline, inputs: list[tuple[str, str]
     parsed = read.records | "ParseDocuments" >> ParseDocuments(settings.strict)
     tokenized = parsed.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
     written = tokenized.documents | "WritePartitions" >> WritePartitions(settings)
+    written.stats | "MergeStreamIndexes" >> MergeStreamIndexes(settings.staging)
 
     tallies = ((read[TALLIES], parsed[TALLIES], tokenized[TALLIES], written[TALLIES])
                | "AllTallies" >> beam.Flatten()
