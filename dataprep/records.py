@@ -63,11 +63,9 @@ class Document(NamedTuple):
 
 
 class TokenizedDocument(NamedTuple):
-    """A document's token ids (no special tokens), with where it was read (to keep the first of its copies)."""
+    """A document's token ids (no special tokens), its source and content hash."""
 
     source: str
-    file: str
-    line: int
     digest: str
     ids: np.ndarray       # (n_tokens,) uint16
 

@@ -1,11 +1,11 @@
 """The Beam transforms of the mixture pipeline, each a small named step.
 
-    (source, path) -> ReadCorpusFiles -> ParseDocuments -> TokenizeDocuments
-      -> WritePartitions: group by hash partition, drop exact copies, split, write MDS (a folder per stream and partition)
-      -> MergeStreamIndexes (one MDS index per stream)
+    (source, path) -> ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates -> TokenizeDocuments
+      -> WritePartitions (split, MDS: one folder per stream and partition) -> MergeStreamIndexes (one per stream)
 
-Token ids cross a shuffle once (into their hash partition); what the split rule needs from the whole
-corpus (per source: the smallest hash and the count) comes from hashes alone.
+Texts cross one shuffle (by hash, which drops the copies and spreads the tokenizing evenly over the
+workers) and token ids one (into their output partition); what the split rule needs from the whole corpus
+(per source: the smallest hash and the count) comes from hashes alone.
 
 Every step that leaves something out emits a `Tally` (and counts it in a Beam counter, for progress);
 `CountTallies` adds them up per file and outcome for the run summary. Nothing here depends on how a runner
@@ -15,7 +15,6 @@ from its documents sorted by hash.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import shutil
@@ -34,7 +33,7 @@ from .assemble import merge_stream_index
 from .documents import digest_fraction, parse_record, partition_of, tokenize_texts
 from .manifest import KINDS, SOURCES, stream_name
 from .readers import read_records
-from .records import (DOCUMENT, DUPLICATE, TOO_SHORT, BadInputError, BadRecord, Tally, TokenizedDocument,
+from .records import (DOCUMENT, DUPLICATE, TOO_SHORT, BadInputError, BadRecord, Document, Tally, TokenizedDocument,
                       bad_input_message)
 from .samples import TOKEN_DTYPE, concatenated_samples, natural_samples
 
@@ -137,9 +136,36 @@ class ParseDocuments(beam.PTransform):
         return records | "Parse" >> beam.ParDo(_ParseRecordFn(self._strict)).with_outputs(TALLIES, main="documents")
 
 
-def copy_order(document: TokenizedDocument) -> tuple:
-    """Which copy of a text is kept: the first in (source, file, line) order."""
+def _copy_order(document: Document) -> tuple:
     return SOURCES.index(document.source), document.file, document.line
+
+
+class _KeepFirstCopyFn(beam.DoFn):
+    def __init__(self):
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicates_removed")
+
+    def process(self, digest_and_copies):
+        _, copies = digest_and_copies
+        kept, *others = sorted(copies, key=_copy_order)
+        yield kept
+        for copy in others:
+            self._duplicates.inc()
+            yield beam.pvalue.TaggedOutput(TALLIES, Tally(copy.source, copy.file, DUPLICATE, copy.line,
+                                                          f"same text as {kept.file} line {kept.line}"))
+
+
+class DropExactDuplicates(beam.PTransform):
+    """One `Document` per content hash: the first copy in (source, file, line) order; the others are tallied.
+
+    Grouping by hash also spreads the documents evenly over the workers that tokenize them, whatever the
+    sizes of the files they came from.
+    """
+
+    def expand(self, documents):
+        return (documents
+                | "KeyByDigest" >> beam.Map(lambda document: (document.digest, document))
+                | "GroupCopies" >> beam.GroupByKey()
+                | "KeepFirstCopy" >> beam.ParDo(_KeepFirstCopyFn()).with_outputs(TALLIES, main="documents"))
 
 
 class _TokenizeFn(beam.DoFn):
@@ -172,8 +198,7 @@ class _TokenizeFn(beam.DoFn):
             self._tokens.inc(len(ids))
             self._bundle_documents += 1
             self._bundle_tokens += len(ids)
-            yield TokenizedDocument(document.source, document.file, document.line, document.digest,
-                                    np.asarray(ids, dtype=TOKEN_DTYPE))
+            yield TokenizedDocument(document.source, document.digest, np.asarray(ids, dtype=TOKEN_DTYPE))
 
     def finish_bundle(self):
         if self._bundle_documents:
@@ -181,11 +206,7 @@ class _TokenizeFn(beam.DoFn):
 
 
 class TokenizeDocuments(beam.PTransform):
-    """`Document`s -> `TokenizedDocument`s (no special tokens), dropping those under `min_tokens` tokens.
-
-    Every copy of a text is tokenized: de-duplicating first would send every text through a shuffle
-    (`WritePartitions` drops the copies instead, where they meet anyway), and exact copies are rare.
-    """
+    """`Document`s -> `TokenizedDocument`s (no special tokens), dropping those under `min_tokens` tokens."""
 
     def __init__(self, min_tokens: int):
         super().__init__()
@@ -195,22 +216,6 @@ class TokenizeDocuments(beam.PTransform):
         return (documents
                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=TOKENIZE_BATCH_DOCUMENTS)
                 | "Tokenize" >> beam.ParDo(_TokenizeFn(self._min_tokens)).with_outputs(TALLIES, main="documents"))
-
-
-class CountKeptPerSource(beam.PTransform):
-    """`TokenizedDocument`s -> (smallest hash per source, documents per source), over the copies kept.
-
-    Only hashes and copy positions travel here; the split rule needs these two numbers per source.
-    """
-
-    def expand(self, documents):
-        kept = (documents
-                | "CopyPositions" >> beam.Map(lambda document: (document.digest, copy_order(document)))
-                | "FirstCopy" >> beam.CombinePerKey(min)
-                | "BySource" >> beam.MapTuple(lambda digest, order: (SOURCES[order[0]], digest)))
-        smallest = kept | "SmallestHash" >> beam.CombinePerKey(min)  # hex digests sort as their numbers
-        counts = kept | "CountPerSource" >> beam.combiners.Count.PerKey()
-        return smallest, counts
 
 
 def split_of(source: str, digest: str, fraction: float, first_per_source: dict, count_per_source: dict) -> str:
@@ -227,8 +232,8 @@ def split_of(source: str, digest: str, fraction: float, first_per_source: dict, 
 
 
 class _WritePartitionFn(beam.DoFn):
-    """One output partition: drops exact copies, splits, and writes the natural and concatenated MDS samples
-    of each (source, split) from its documents in hash order."""
+    """One source's output partition: the natural and concatenated MDS samples of each split, from its
+    documents in hash order."""
 
     def __init__(self, staging: str, seq_len: int, min_tokens: int, validation_fraction: float):
         self._staging = staging
@@ -236,22 +241,15 @@ class _WritePartitionFn(beam.DoFn):
         self._min_tokens = min_tokens
         self._fraction = validation_fraction
         self._samples = Metrics.counter(METRICS_NAMESPACE, "samples_written")
-        self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicates_removed")
 
-    def process(self, partition_and_documents, first_per_source, count_per_source):
-        partition, documents = partition_and_documents
-        groups: dict[tuple[str, str], list[np.ndarray]] = {}
-        ordered = sorted(documents, key=lambda document: (document.digest, copy_order(document)))
-        for _, copies in itertools.groupby(ordered, key=lambda document: document.digest):
-            kept, *others = copies
-            for copy in others:
-                self._duplicates.inc()
-                yield beam.pvalue.TaggedOutput(TALLIES, Tally(copy.source, copy.file, DUPLICATE, copy.line,
-                                                              f"same text as {kept.file} line {kept.line}"))
-            split = split_of(kept.source, kept.digest, self._fraction, first_per_source, count_per_source)
-            groups.setdefault((kept.source, split), []).append(kept.ids)
-        for (source, split), ids in sorted(groups.items()):
-            yield from self._write_group(source, split, partition, ids)
+    def process(self, key_and_documents, first_per_source, count_per_source):
+        (source, partition), documents = key_and_documents
+        splits: dict[str, list[np.ndarray]] = {}
+        for digest, ids in sorted(documents, key=lambda digest_and_ids: digest_and_ids[0]):
+            split = split_of(source, digest, self._fraction, first_per_source, count_per_source)
+            splits.setdefault(split, []).append(ids)
+        for split, ordered in sorted(splits.items()):
+            yield from self._write_group(source, split, partition, ordered)
 
     def _write_group(self, source: str, split: str, partition: int, documents: list[np.ndarray]):
         document_tokens = sum(len(ids) for ids in documents)
@@ -319,11 +317,11 @@ def _publish(local: str, folder: str) -> None:
 
 
 class WritePartitions(beam.PTransform):
-    """`TokenizedDocument`s -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, a stats dict for each,
-    and a `tallies` output for the copies dropped.
+    """`TokenizedDocument`s -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, and a stats dict for each.
 
-    The partition comes from the content hash, so every copy of a text lands in the same group: the
-    first copy is kept there, and the split is chosen from the hash and the per-source side inputs.
+    Token ids cross one shuffle, into their (source, partition) group, the partition chosen from the
+    content hash. The split is chosen there too, from the hash and two numbers per source (its smallest
+    hash and its document count) that a side path computes from hashes alone.
     """
 
     def __init__(self, settings: PipelineSettings):
@@ -332,15 +330,18 @@ class WritePartitions(beam.PTransform):
 
     def expand(self, documents):
         settings = self._settings
-        smallest, counts = documents | "CountKeptPerSource" >> CountKeptPerSource()
+        by_source = documents | "KeyBySource" >> beam.Map(lambda document: (document.source, document.digest))
+        smallest = by_source | "SmallestHash" >> beam.CombinePerKey(min)  # hex digests sort as their numbers
+        counts = by_source | "CountPerSource" >> beam.combiners.Count.PerKey()
         return (documents
-                | "KeyByPartition" >> beam.Map(lambda document: (partition_of(document.digest, settings.partitions),
-                                                                 document))
+                | "KeyByPartition" >> beam.Map(lambda document: (
+                    (document.source, partition_of(document.digest, settings.partitions)),
+                    (document.digest, document.ids)))
                 | "GroupPartitions" >> beam.GroupByKey()
                 | "WriteMds" >> beam.ParDo(
                     _WritePartitionFn(settings.staging, settings.seq_len, settings.min_tokens,
                                       settings.validation_fraction),
-                    beam.pvalue.AsDict(smallest), beam.pvalue.AsDict(counts)).with_outputs(TALLIES, main="stats"))
+                    beam.pvalue.AsDict(smallest), beam.pvalue.AsDict(counts)))
 
 
 class MergeStreamIndexes(beam.PTransform):
@@ -408,14 +409,15 @@ def build_mixture_pipeline(pipeline: beam.Pipeline, inputs: list[tuple[str, str]
     files = pipeline | "ListFiles" >> beam.Create(inputs)
     read = files | "ReadCorpusFiles" >> ReadCorpusFiles(settings.max_record_bytes, settings.strict)
     parsed = read.records | "ParseDocuments" >> ParseDocuments(settings.strict)
-    tokenized = parsed.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
-    written = tokenized.documents | "WritePartitions" >> WritePartitions(settings)
-    written.stats | "MergeStreamIndexes" >> MergeStreamIndexes(settings.staging)
+    unique = parsed.documents | "DropExactDuplicates" >> DropExactDuplicates()
+    tokenized = unique.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
+    stats = tokenized.documents | "WritePartitions" >> WritePartitions(settings)
+    stats | "MergeStreamIndexes" >> MergeStreamIndexes(settings.staging)
 
-    tallies = ((read[TALLIES], parsed[TALLIES], tokenized[TALLIES], written[TALLIES])
+    tallies = ((read[TALLIES], parsed[TALLIES], unique[TALLIES], tokenized[TALLIES])
                | "AllTallies" >> beam.Flatten()
                | "CountTallies" >> CountTallies())
-    for name, collection in (("partitions", written.stats), ("tallies", tallies)):
+    for name, collection in (("partitions", stats), ("tallies", tallies)):
         (collection
          | f"Format{name.capitalize()}" >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
          | f"Save{name.capitalize()}" >> beam.io.WriteToText(FileSystems.join(work_folder, name),
