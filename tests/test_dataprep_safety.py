@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from dataprep import build_mixture, output
 
@@ -37,8 +39,12 @@ def sentence(number: int) -> str:
     return " ".join(WORDS[(number * 7 + index) % len(WORDS)] for index in range(20)) + f" number {number}."
 
 
-def json_line(text: str) -> bytes:
-    return json.dumps({"text": text}).encode()
+# Record ids and titles shaped like paths: nothing may be written where they point.
+HOSTILE_IDS = ["../../../escaped-id", "/tmp/escaped-absolute-id", "train/c4-natural/index.json"]
+
+
+def json_line(text: str, number: int = 0) -> bytes:
+    return json.dumps({"text": text, "id": HOSTILE_IDS[number % len(HOSTILE_IDS)], "title": "../escaped-title"}).encode()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,7 +69,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("corpus")
     for folder in ("c4", "c4-surrogate-only", "wikipedia", "wikipedia-good", "books", "books-good"):
         (root / folder).mkdir()
-    surrogates = [json_line(sentence(1)), b'{"text": "\\ud800"}', json_line(sentence(2)),
+    surrogates = [json_line(sentence(1), 1), b'{"text": "\\ud800"}', json_line(sentence(2), 2),
                   b'{"text": "' + sentence(3).encode() + b' \\udfff and on"}',
                   b'{"text": "a valid pair \\ud83d\\ude00 ' + sentence(4).encode() + b'"}']
     for folder in ("c4", "c4-surrogate-only"):
@@ -73,7 +79,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
         b'{"text": "\\ud800\\ud800"}', json_line(sentence(7))]) + b"\n"))
     # Parquet does not check UTF-8 on write either: a string column can hold any bytes.
     cells = pa.array([sentence(8).encode(), b"\xff\xfe not text", None, sentence(9).encode()], pa.binary())
-    pq.write_table(pa.table({"id": ["1", "2", "3", "4"], "text": cells.view(pa.string())}),
+    pq.write_table(pa.table({"id": HOSTILE_IDS + ["4"], "title": ["../../escaped-title"] * 4,
+                             "text": cells.view(pa.string())}),
                    root / "wikipedia" / "cells.parquet")
     pq.write_table(pa.table({"text": [sentence(10), sentence(11)]}), root / "wikipedia-good" / "good.parquet")
     (root / "books" / "latin1.txt").write_bytes(f"{sentence(12)} na\xefve".encode("latin-1"))
@@ -117,6 +124,16 @@ def test_text_that_is_not_unicode_is_a_counted_bad_record_on_every_path(earlier)
     stderr = (earlier / "stderr.log").read_text()
     assert "surrogates.jsonl.gz line 2: unpaired_surrogate (U+D800 at character 0 of the text" in stderr
     assert "Traceback" not in stderr
+
+
+def test_path_like_ids_write_nothing_outside_the_output(earlier, corpus):
+    written = [str(path.relative_to(earlier)) for path in earlier.rglob("*") if path.is_file()]
+    assert sorted(name for name in written if not output.OUTPUT_FILE.fullmatch(name)) == ["stderr.log"]  # ours
+    assert siblings(earlier) == []
+    assert sorted(path.name for path in corpus["root"].iterdir()) == sorted(
+        ["c4", "c4-surrogate-only", "wikipedia", "wikipedia-good", "books", "books-good"])
+    base = earlier.parents[1]  # the session's temporary folder, where ../ ids would lead
+    assert not [path for path in base.rglob("escaped*")] and not Path("/tmp/escaped-absolute-id").exists()
 
 
 def test_non_utf8_file_names_are_refused_before_any_work(tmp_path, capsys):
@@ -261,3 +278,75 @@ def test_a_lock_that_may_be_alive_elsewhere_is_never_taken_over(tmp_path, capsys
     assert f"lock file {lock}. If that run is no longer running" in error
     assert ("host gpu-node-17" if holder == "another machine" else "its holder record is unreadable") in error
     assert lock.read_text() == before and not out.exists()
+
+
+class ObjectStore(LocalFileSystem):
+    """`store://bucket/...` on a local folder: a Beam filesystem with a scheme, as gs:// and s3:// are."""
+
+    root: Path | None = None
+    PREFIX = "store://"
+
+    @classmethod
+    def scheme(cls):
+        return "store"
+
+    def _local(self, path: str) -> str:
+        return os.path.join(str(self.root), path[len(self.PREFIX):])
+
+    def join(self, basepath, *paths):
+        return "/".join([basepath.rstrip("/"), *paths])
+
+    def _list(self, prefix):
+        for folder, _, names in os.walk(self._local(prefix)):
+            for name in names:
+                path = os.path.join(folder, name)
+                relative = os.path.relpath(path, str(self.root))
+                yield FileMetadata(self.PREFIX + relative, os.path.getsize(path), os.path.getmtime(path))
+
+    def create(self, path, *args, **kwargs):
+        return super().create(self._local(path), *args, **kwargs)
+
+    def open(self, path, *args, **kwargs):
+        return super().open(self._local(path), *args, **kwargs)
+
+    def exists(self, path):
+        return super().exists(self._local(path))
+
+    def copy(self, sources, destinations):
+        for destination in destinations:
+            os.makedirs(os.path.dirname(self._local(destination)), exist_ok=True)
+        return super().copy([self._local(path) for path in sources], [self._local(path) for path in destinations])
+
+    def delete(self, paths):
+        for path in map(self._local, paths):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def test_object_storage_outputs_get_the_same_checks_and_lock(tmp_path, earlier):
+    ObjectStore.root = tmp_path
+    out = "store://bucket/mix"
+    shutil.copytree(earlier, tmp_path / "bucket" / "mix", ignore=shutil.ignore_patterns("stderr.log"))
+    with pytest.raises(output.OutputError, match="already holds a mixture"):
+        output.check_output(out, overwrite=False)
+    output.check_output(out, overwrite=True)
+    (tmp_path / "bucket" / "mix" / "notes.txt").write_text("mine")
+    with pytest.raises(output.OutputError, match="does not write: notes.txt"):
+        output.check_output(out, overwrite=True)
+    with output.OutputLock(out):
+        with pytest.raises(output.OutputLockedError, match=f"pid {os.getpid()}, started 20"):
+            output.OutputLock(out).__enter__()
+        assert (tmp_path / "bucket" / "mix.lock").exists()
+    assert not (tmp_path / "bucket" / "mix.lock").exists()
+    # Publishing copies the staging folder in, manifest last, and leaves no staging behind.
+    (tmp_path / "bucket" / "mix" / "notes.txt").unlink()
+    staging = output.prepare_staging(out)
+    shutil.copytree(earlier / "train", tmp_path / "bucket" / "mix.partial" / "train")
+    output.write_text(f"{staging}/manifest.json", (earlier / "manifest.json").read_text())
+    output.publish(staging, out, overwrite=True)
+    assert file_digests(tmp_path / "bucket" / "mix") == {
+        name: digest for name, digest in file_digests(earlier).items()
+        if name.startswith("train/") or name == "manifest.json"}
+    assert sorted(os.listdir(tmp_path / "bucket")) == ["mix"]
