@@ -80,7 +80,7 @@ def build_mixture(config: MixtureConfig, beam_args: list[str] | None = None) -> 
                                     max_record_bytes=int(config.max_record_mb * BYTES_PER_MB), strict=config.strict)
         options = PipelineOptions(_default_beam_args() + list(beam_args or []))
         logger.info("%d input files; staging in %s; stages: ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates "
-                    "-> TokenizeDocuments -> AssignSplitsAndPartitions -> WritePartitions", len(files), staging)
+                    "-> TokenizeDocuments -> WritePartitions -> MergeStreamIndexes", len(files), staging)
         try:
             with beam.Pipeline(options=options) as pipeline:
                 build_mixture_pipeline(pipeline, files, settings, work)

@@ -38,8 +38,8 @@ LOCK_SUFFIX = ".lock"
 # Every file an output holds: the manifest, the summary, and per split and stream an MDS index over
 # `part-NNNNN/` folders of shards (`.mds.zstd`, plus the `.mds` that StreamingDataset decompresses next to them).
 OUTPUT_FILE = re.compile(
-    rf"{re.escape(MANIFEST_NAME)}|{re.escape(SUMMARY_NAME)}"
-    rf"|({'|'.join(SPLITS)})/({'|'.join(STREAM_NAMES)})/(index\.json|part-\d{{5,}}/(index\.json|shard\.\d{{5,}}\.mds(\.zstd)?))")
+    rf"{re.escape(MANIFEST_NAME)}|{re.escape(SUMMARY_NAME)}|({'|'.join(SPLITS)})/({'|'.join(STREAM_NAMES)})/"
+    r"(index\.json|part-\d{5,}/(index\.json|shard\.\d{5,}\.mds(\.zstd)?))")
 EXAMPLES_NAMED = 3
 LOCK_ATTEMPTS = 3
 
@@ -172,7 +172,8 @@ def _replace_remote_folder(staging: str, out: str) -> None:
     # Object stores have no folder rename: copy every file, the manifest last, so that a reader waiting
     # for the manifest never sees a partial result.
     delete_folder(out)
-    sources = sorted(metadata.path for metadata in FileSystems.match([FileSystems.join(staging, "**")])[0].metadata_list)
+    listed = FileSystems.match([FileSystems.join(staging, "**")])[0].metadata_list
+    sources = sorted(metadata.path for metadata in listed)
     sources.sort(key=lambda path: path.endswith("/" + MANIFEST_NAME))
     prefix = staging.rstrip("/") + "/"
     for path in sources:
@@ -338,7 +339,7 @@ def _machine_identity() -> str | None:
 
 
 def _process_start(pid: int) -> str | None:
-    """The start time of a running process (clock ticks since boot), or None if there is none (zombies count as none)."""
+    """A running process's start time (clock ticks since boot), or None if there is none (a zombie is none)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):

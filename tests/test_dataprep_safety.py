@@ -44,7 +44,8 @@ HOSTILE_IDS = ["../../../escaped-id", "/tmp/escaped-absolute-id", "train/c4-natu
 
 
 def json_line(text: str, number: int = 0) -> bytes:
-    return json.dumps({"text": text, "id": HOSTILE_IDS[number % len(HOSTILE_IDS)], "title": "../escaped-title"}).encode()
+    record = {"text": text, "id": HOSTILE_IDS[number % len(HOSTILE_IDS)], "title": "../escaped-title"}
+    return json.dumps(record).encode()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -223,10 +224,12 @@ def test_strict_stops_at_a_lone_surrogate_and_a_failed_overwrite_keeps_the_earli
     before = file_digests(earlier_copy)
     completed = run_cli("--out", str(earlier_copy), "--overwrite", "--strict",
                         "--c4", str(corpus["root"] / "c4-surrogate-only"),
-                        "--wikipedia", str(corpus["root"] / "wikipedia-good"), "--books", str(corpus["root"] / "books-good"))
+                        "--wikipedia", str(corpus["root"] / "wikipedia-good"),
+                        "--books", str(corpus["root"] / "books-good"))
     assert completed.returncode == 2
     surrogates = corpus["root"] / "c4-surrogate-only" / "surrogates.jsonl.gz"
-    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: {surrogates} line 2: unpaired_surrogate (U+D800")
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {surrogates} line 2: unpaired_surrogate (U+D800")
     assert file_digests(earlier_copy) == before and siblings(earlier_copy) == []
 
 
