@@ -15,8 +15,8 @@ Then, side by side:
 1. the real pipeline, `python -m dataprep.build_mixture` (Beam DirectRunner, `--workers` worker processes,
    one tokenizer thread each): wall time and CPU time (the command and its worker processes);
 2. the bare batched tokenizer on the same unique texts, in the pipeline's batch size, in as many processes
-   as the pipeline has workers (one thread each, an equal share of the text each), so that both meet the
-   same machine, however busy it is.
+   as the pipeline has workers (one thread each, an equal share of the text each), half of the texts just
+   before the pipeline and half just after, so that both meet the same machine, however busy it is.
 
 A straight line through the pipeline's times, `seconds = start_up + tokens / rate`, separates the fixed
 start-up (worker processes, imports, index merge) from the steady-state rate; per worker that rate is
@@ -177,8 +177,21 @@ def time_bare_tokenizer(texts: list[str], workers: int) -> dict:
     tokens = sum(result[0] for result in results)
     wall = max(result[2] for result in results) - min(result[1] for result in results)
     cpu = sum(result[3] for result in results)
-    return {"documents": len(texts), "tokens": tokens, "processes": workers, "seconds": wall, "cpu_seconds": cpu,
-            "tokens_per_second_per_process": tokens / wall / workers, "load_average_1min_before": load}
+    return {"documents": len(texts), "tokens": tokens, "seconds": wall, "cpu_seconds": cpu,
+            "load_average_1min_before": load}
+
+
+def time_side_by_side(inputs: dict[str, list[str]], folder: Path, workers: int, seq_len: int) -> tuple[dict, dict]:
+    """The pipeline, and the bare tokenizer on the same texts: half of them just before the pipeline and half
+    just after, so that on a shared machine both see the same load on average."""
+    texts = unique_documents(inputs)
+    before = time_bare_tokenizer(texts[0::2], workers)
+    pipeline = time_pipeline(inputs, folder, workers, seq_len)
+    after = time_bare_tokenizer(texts[1::2], workers)
+    bare = {key: before[key] + after[key] for key in ("documents", "tokens", "seconds", "cpu_seconds")}
+    bare.update(processes=workers, tokens_per_second_per_process=bare["tokens"] / bare["seconds"] / workers,
+                load_average_1min=[before["load_average_1min_before"], after["load_average_1min_before"]])
+    return pipeline, bare
 
 
 def fit_start_up(tokens: list[int], seconds: list[float]) -> dict:
@@ -274,8 +287,7 @@ def main() -> int:
     for replicas in sorted(set(args.replicas)):
         with tempfile.TemporaryDirectory(prefix="bench-dataprep-") as folder:
             inputs = write_corpus(Path(folder) / "corpus", replicas)
-            pipeline = time_pipeline(inputs, Path(folder), args.workers, args.seq_len)
-            bare = time_bare_tokenizer(unique_documents(inputs), args.workers)
+            pipeline, bare = time_side_by_side(inputs, Path(folder), args.workers, args.seq_len)
         assert bare["tokens"] == pipeline["tokens"], (bare["tokens"], pipeline["tokens"])
         runs.append({"replicas": replicas, "pipeline": pipeline, "bare_tokenizer": bare})
         print(f"{replicas:3d} copies, {pipeline['tokens'] / 1e6:6.1f}M tokens: pipeline {pipeline['seconds']:6.1f} s "

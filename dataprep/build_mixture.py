@@ -90,8 +90,7 @@ def build_mixture(config: MixtureConfig, beam_args: list[str] | None = None) -> 
             if message is None:
                 raise
             raise BadInputError(message) from None
-        logger.info("pipeline finished in %.1f s; writing the manifest",
-                    time.monotonic() - started)
+        logger.info("pipeline finished in %.1f s; writing the manifest", time.monotonic() - started)
 
         partition_stats = assemble.read_json_lines(FileSystems.join(work, "partitions*.jsonl"))
         tallies = assemble.read_json_lines(FileSystems.join(work, "tallies*.jsonl"))

@@ -203,9 +203,10 @@ class OutputLock:
     """`with OutputLock(out):` holds `<out>.lock` for the run; raises `OutputLockedError` naming the holder.
 
     The lock file is created whole or not at all: written under a private name and hard-linked into place,
-    which fails if the name exists (atomic on local disks and on NFS). On object storage there is no such
-    primitive: the lock is written only where none exists and read back, which keeps runs started seconds
-    apart from colliding, not runs started at the same instant.
+    which fails if the name exists (atomic on local disks and on NFS; where there are no hard links, an
+    exclusive create). On object storage there is no such primitive: the lock is written only where none
+    exists and read back, which keeps runs started seconds apart from colliding, not runs started at the
+    same instant.
     """
 
     def __init__(self, out: str):
@@ -255,9 +256,23 @@ class OutputLock:
             return False
         except OSError:
             # NFS may report a failure for a link that was made (a lost reply): the link count tells.
-            return os.stat(private).st_nlink == 2
+            if os.stat(private).st_nlink == 2:
+                return True
+            return self._create_exclusively()  # no hard links here (some FUSE and SMB mounts)
         finally:
             os.unlink(private)
+
+    def _create_exclusively(self) -> bool:
+        # Create-if-absent, then write: a run that looks in between finds an empty record and refuses.
+        try:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(self._record)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
 
     def _read(self) -> str | None:
         """The lock file's text, or None when there is none."""

@@ -34,7 +34,7 @@ DOCUMENT = "document"
 
 class RawRecord(NamedTuple):
     """One record as read from a file: a JSON line (bytes), a whole text file (bytes) or a parquet row (dict;
-    a string `text` cell as its UTF-8 bytes, decoded in `documents.parse_record` like every other text)."""
+    a string `text` cell as its stored bytes, decoded in `documents.parse_record` like every other text)."""
 
     source: str
     file: str

@@ -1,7 +1,8 @@
 """The real mixture pipeline (Beam DirectRunner, worker processes) on the bundled sample, read back with StreamingDataset.
 
 Pipeline runs (about 10-25 s each on 2 cores): the bundled sample with 2 workers; the same with 1 worker,
-killed mid-way and run again; the broken corpora, skipping (in process) and --strict (in a worker).
+killed mid-way (a second run into the same folder is refused meanwhile) and run again; the broken corpora,
+skipping (in process) and --strict (in a worker).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ process; the three pipeline runs use a tiny corpus in the runner's own process.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -266,6 +267,19 @@ def test_a_live_holder_is_named_and_its_lock_kept(tmp_path, capsys, corpus):
     assert (f"--out {out} is in use by another build_mixture run (host {socket.gethostname()}, pid {os.getpid()}, "
             f"started 20") in error
     assert not out.exists() and siblings(out) == []
+
+
+def test_a_folder_without_hard_links_still_gets_an_exclusive_lock(tmp_path, monkeypatch):
+    def no_hard_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")  # as on some FUSE and SMB mounts
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    out = str(tmp_path / "mix")
+    with output.OutputLock(out):
+        assert json.loads(Path(f"{out}.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(output.OutputLockedError, match=f"pid {os.getpid()}"):
+            output.OutputLock(out).__enter__()
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("holder", ["another machine", "unreadable"])
