@@ -19,8 +19,8 @@ Then, side by side:
    before the pipeline and half just after, so that both meet the same machine, however busy it is.
 
 A straight line through the pipeline's times, `seconds = start_up + tokens / rate`, separates the fixed
-start-up (worker processes, imports, index merge) from the steady-state rate; per worker that rate is
-compared with the tokenizer's rate per process (per core). The same is done with CPU seconds, which a busy machine
+start-up (processes, imports, Beam's job set-up) from the steady-state rate; per worker that rate is compared
+with the tokenizer's rate per process (per core). The same is done with CPU seconds, which a busy machine
 disturbs less than wall-clock time. Writes `dataprep.json` and `dataprep.png` to --out.
 """
 
@@ -245,6 +245,8 @@ def plot(result: dict, path: Path) -> None:
                    color="tab:blue", alpha=0.6, label="pipeline (fit: start-up + tokens / rate)")
     rate_axis.axhline(fit["tokens_per_second_per_worker"], color="tab:blue", linestyle="--",
                       label=f"pipeline steady state {fit['tokens_per_second_per_worker']:,.0f}")
+    rate_axis.plot(tokens / 1e6, [run["bare_tokenizer"]["tokens_per_second_per_process"] for run in result["runs"]],
+                   "s", color="tab:gray", label="bare tokenizer (measured)")
     bare = steady["bare_tokenizer"]["tokens_per_second_per_process"]
     rate_axis.axhline(bare, color="tab:gray", linestyle="--", label=f"bare tokenizer, per process {bare:,.0f}")
     rate_axis.set_xlabel("corpus (million tokens)")
