@@ -1,8 +1,8 @@
-"""After the Beam run: merge the partition indexes, write the manifest and summary, and move the result into place.
+"""Assembling the result: merged stream indexes, the manifest and the summary, and moving it into place.
 
 The pipeline writes everything under a staging folder (`<out>.partial`); only a complete result, manifest
-included, is moved to `<out>`. An interrupted run therefore leaves no `<out>` with a manifest behind, and
-the next run starts by removing the stale staging folder.
+included, is published as `<out>` (dataprep.output). An interrupted run therefore leaves no `<out>` with a
+manifest behind.
 """
 
 from __future__ import annotations
@@ -10,52 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from .manifest import (FORMAT, KINDS, SOURCES, SPECIAL_TOKENS, SPLITS, STREAM_NAMES, TOKENIZER_NAME, manifest_json,
                        stream_name)
+from .output import MANIFEST_NAME, SUMMARY_NAME, publish, write_text
 from .records import BAD_INPUT_REASONS, DOCUMENT
 
-MANIFEST_NAME = "manifest.json"
-SUMMARY_NAME = "summary.json"
-WORK_FOLDER_NAME = "_work"
-STAGING_SUFFIX = ".partial"
 EMPTY_MDS_INDEX = {"version": 2, "shards": []}
-
-logger = logging.getLogger(__name__)
-
-
-def is_local(path: str) -> bool:
-    """Whether `path` is on the local filesystem (no scheme), where a folder can be renamed atomically."""
-    return FileSystems.get_scheme(path) is None
-
-
-def staging_folder(out: str) -> str:
-    """Where a run writes before its result is complete."""
-    return out.rstrip("/") + STAGING_SUFFIX
-
-
-def prepare_staging(staging: str) -> None:
-    """Remove what an interrupted earlier run left in the staging folder."""
-    if _has_files(staging):
-        logger.info("removing %s, left by an interrupted run", staging)
-        delete_folder(staging)
-
-
-def delete_folder(path: str) -> None:
-    """Remove a folder and everything in it (if it exists), locally or on object storage (a name prefix)."""
-    if is_local(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif _has_files(path):
-        FileSystems.delete([path.rstrip("/") + "/"])
-
-
-def _has_files(folder: str) -> bool:
-    return bool(FileSystems.match([FileSystems.join(folder, "**")])[0].metadata_list)
 
 
 def read_json_lines(pattern: str) -> list[dict]:
@@ -67,24 +31,23 @@ def read_json_lines(pattern: str) -> list[dict]:
     return rows
 
 
-def merge_stream_indexes(staging: str, partition_stats: list[dict]) -> None:
-    """Writes `<split>/<stream>/index.json` over each stream's partitions (an empty index for an empty stream)."""
+def merge_stream_index(staging: str, split: str, name: str, partitions: list[int]) -> None:
+    """Writes `<split>/<stream>/index.json` over the stream's partitions (in a worker, which has streaming loaded)."""
     from streaming.base.util import merge_index
 
-    written: dict[tuple[str, str], list[int]] = {}
-    for row in partition_stats:
-        if row["samples"]:
-            written.setdefault((row["split"], row["stream"]), []).append(row["partition"])
+    folder = FileSystems.join(staging, split, name)
+    indexes = [FileSystems.join(folder, f"part-{partition:05d}", "index.json") for partition in sorted(partitions)]
+    with _root_warnings_silenced():  # merge_index warns about its temporary folder on every call
+        merge_index(indexes, folder)
+
+
+def write_empty_indexes(staging: str, partition_stats: list[dict]) -> None:
+    """An empty MDS index for each stream without samples (the others are merged by the pipeline)."""
+    written = {(row["split"], row["stream"]) for row in partition_stats if row["samples"]}
     for split in SPLITS:
         for name in STREAM_NAMES:
-            folder = FileSystems.join(staging, split, name)
-            partitions = sorted(written.get((split, name), []))
-            if not partitions:
-                _write_text(FileSystems.join(folder, "index.json"), json.dumps(EMPTY_MDS_INDEX))
-                continue
-            indexes = [FileSystems.join(folder, f"part-{partition:05d}", "index.json") for partition in partitions]
-            with _root_warnings_silenced():  # merge_index warns about its temporary folder on every call
-                merge_index(indexes, folder)
+            if (split, name) not in written:
+                write_text(FileSystems.join(staging, split, name, "index.json"), json.dumps(EMPTY_MDS_INDEX))
 
 
 @contextlib.contextmanager
@@ -166,40 +129,8 @@ def build_summary(inputs: dict[str, list[str]], settings: dict, files: list[tupl
     }
 
 
-def finish(staging: str, out: str, manifest: dict, summary: dict) -> None:
-    """Writes the summary and then the manifest into the staging folder, and moves it to `out`."""
-    delete_folder(FileSystems.join(staging, WORK_FOLDER_NAME))
-    _write_text(FileSystems.join(staging, SUMMARY_NAME), json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    _write_text(FileSystems.join(staging, MANIFEST_NAME), manifest_json(manifest))
-    if is_local(staging):
-        _replace_local_folder(staging, out)
-    else:
-        _replace_remote_folder(staging, out)
-
-
-def _replace_local_folder(staging: str, out: str) -> None:
-    previous = out.rstrip("/") + ".replaced"
-    if os.path.exists(previous):
-        shutil.rmtree(previous)
-    if os.path.exists(out):
-        os.rename(out, previous)
-    os.rename(staging, out)
-    if os.path.exists(previous):
-        shutil.rmtree(previous)
-
-
-def _replace_remote_folder(staging: str, out: str) -> None:
-    # Object stores have no folder rename: copy every file, the manifest last, so that a reader waiting
-    # for the manifest never sees a partial result.
-    delete_folder(out)
-    sources = sorted(metadata.path for metadata in FileSystems.match([FileSystems.join(staging, "**")])[0].metadata_list)
-    sources.sort(key=lambda path: path.endswith("/" + MANIFEST_NAME))
-    prefix = staging.rstrip("/") + "/"
-    for path in sources:
-        FileSystems.copy([path], [FileSystems.join(out, path[len(prefix):])])
-    delete_folder(staging)
-
-
-def _write_text(path: str, text: str) -> None:
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        handle.write(text.encode("utf-8"))
+def finish(staging: str, out: str, manifest: dict, summary: dict, overwrite: bool) -> None:
+    """Writes the summary and then the manifest into the staging folder, and publishes it as `out`."""
+    write_text(FileSystems.join(staging, SUMMARY_NAME), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text(FileSystems.join(staging, MANIFEST_NAME), manifest_json(manifest))
+    publish(staging, out, overwrite)

@@ -50,6 +50,11 @@ class MixtureConfig:
     partitions: int = 8
     max_record_mb: float = 8.0
     strict: bool = False
+    overwrite: bool = False
+
+
+# Where the result goes, not what it is: left out of the summary's settings.
+OUTPUT_FIELDS = ("inputs", "out", "overwrite")
 
 
 def build_mixture(config: MixtureConfig, beam_args: list[str] | None = None) -> dict:
@@ -58,41 +63,44 @@ def build_mixture(config: MixtureConfig, beam_args: list[str] | None = None) -> 
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from . import assemble
+    from . import assemble, output
     from .transforms import PipelineSettings, build_mixture_pipeline
 
     _check_config(config)
+    out = output.normalize(config.out)
+    output.check_output(out, config.overwrite)  # before any work: a refused run writes nothing
     files = match_inputs(config.inputs)
     started = time.monotonic()
-    staging = assemble.staging_folder(config.out)
-    assemble.prepare_staging(staging)
-    work = FileSystems.join(staging, assemble.WORK_FOLDER_NAME)
-    settings = PipelineSettings(staging=staging, seq_len=config.seq_len, min_tokens=config.min_tokens,
-                                validation_fraction=config.validation_fraction, partitions=config.partitions,
-                                max_record_bytes=int(config.max_record_mb * BYTES_PER_MB), strict=config.strict)
-    options = PipelineOptions(_default_beam_args() + list(beam_args or []))
-    logger.info("%d input files; staging in %s; stages: ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates "
-                "-> TokenizeDocuments -> AssignSplitsAndPartitions -> WritePartitions", len(files), staging)
-    try:
-        with beam.Pipeline(options=options) as pipeline:
-            build_mixture_pipeline(pipeline, files, settings, work)
-    except Exception as error:
-        assemble.delete_folder(staging)  # a failed run leaves nothing behind (a killed one: see prepare_staging)
-        message = _bad_input_message(error)
-        if message is None:
-            raise
-        raise BadInputError(message) from None
-    logger.info("pipeline finished in %.1f s; merging indexes and writing the manifest", time.monotonic() - started)
+    with output.OutputLock(out):
+        output.check_output(out, config.overwrite)  # again, now that no other run can change it
+        staging = output.prepare_staging(out)
+        work = FileSystems.join(staging, output.WORK_FOLDER_NAME)
+        settings = PipelineSettings(staging=staging, seq_len=config.seq_len, min_tokens=config.min_tokens,
+                                    validation_fraction=config.validation_fraction, partitions=config.partitions,
+                                    max_record_bytes=int(config.max_record_mb * BYTES_PER_MB), strict=config.strict)
+        options = PipelineOptions(_default_beam_args() + list(beam_args or []))
+        logger.info("%d input files; staging in %s; stages: ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates "
+                    "-> TokenizeDocuments -> WritePartitions -> MergeStreamIndexes", len(files), staging)
+        try:
+            with beam.Pipeline(options=options) as pipeline:
+                build_mixture_pipeline(pipeline, files, settings, work)
+        except Exception as error:
+            output.delete_folder(staging)  # a failed run leaves nothing behind (a killed one: see prepare_staging)
+            message = _bad_input_message(error)
+            if message is None:
+                raise
+            raise BadInputError(message) from None
+        logger.info("pipeline finished in %.1f s; writing the manifest", time.monotonic() - started)
 
-    partition_stats = assemble.read_json_lines(FileSystems.join(work, "partitions*.jsonl"))
-    tallies = assemble.read_json_lines(FileSystems.join(work, "tallies*.jsonl"))
-    assemble.merge_stream_indexes(staging, partition_stats)
-    totals = assemble.stream_totals(partition_stats)
-    manifest = assemble.build_manifest(config.seq_len, config.proportions, totals)
-    settings_record = {key: value for key, value in asdict(config).items() if key not in ("inputs", "out")}
-    summary = assemble.build_summary(config.inputs, settings_record, files, tallies, totals, manifest,
-                                     time.monotonic() - started)
-    assemble.finish(staging, config.out, manifest, summary)
+        partition_stats = assemble.read_json_lines(FileSystems.join(work, "partitions*.jsonl"))
+        tallies = assemble.read_json_lines(FileSystems.join(work, "tallies*.jsonl"))
+        assemble.write_empty_indexes(staging, partition_stats)
+        totals = assemble.stream_totals(partition_stats)
+        manifest = assemble.build_manifest(config.seq_len, config.proportions, totals)
+        settings_record = {key: value for key, value in asdict(config).items() if key not in OUTPUT_FIELDS}
+        summary = assemble.build_summary(config.inputs, settings_record, files, tallies, totals, manifest,
+                                         time.monotonic() - started)
+        assemble.finish(staging, out, manifest, summary, config.overwrite)
     for name in summary["empty_streams"]:
         logger.warning("stream %s has no samples", name)
     return summary
@@ -151,6 +159,11 @@ def match_inputs(inputs: dict[str, list[str]]) -> list[tuple[str, str]]:
             if not matched:
                 raise UsageError(f"--{source} {pattern}: no file matches")
             files.update((source, metadata.path) for metadata in matched)
+    for source, path in files:
+        try:
+            path.encode("utf-8")  # file names travel in the summary and through Beam's coders as UTF-8
+        except UnicodeEncodeError:
+            raise UsageError(f"--{source}: the file name {path!r} is not valid UTF-8; rename the file") from None
     return sorted(files)
 
 
@@ -206,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-record-mb", type=float, default=MixtureConfig.max_record_mb,
                         help="longer lines (or text files) are skipped as bad input")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier output of this command in --out (never a folder with other files)")
     return parser
 
 
@@ -219,6 +234,7 @@ def configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
+    from .output import OutputError  # after configure_logging: Beam logs on import
     try:
         args, beam_args = _parser().parse_known_args(argv)
         given = {source: getattr(args, source) for source in SOURCES if getattr(args, source)}
@@ -226,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
                                out=args.out or os.path.join("outputs", f"mixture-{args.seq_len}"),
                                seq_len=args.seq_len, proportions=args.proportions,
                                validation_fraction=args.validation_fraction, min_tokens=args.min_tokens,
-                               partitions=args.partitions, max_record_mb=args.max_record_mb, strict=args.strict)
+                               partitions=args.partitions, max_record_mb=args.max_record_mb, strict=args.strict,
+                               overwrite=args.overwrite)
         if not given:
             logger.info("no input flags: using the bundled sample in %s", SAMPLE_DATA)
         summary = build_mixture(config, beam_args)
-    except (UsageError, BadInputError) as error:
+    except (UsageError, BadInputError, OutputError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     sys.stdout.write(summary_table(summary) + "\n")

@@ -6,8 +6,9 @@ import hashlib
 import json
 import re
 
+from .readers import file_layout
 from .records import (EMPTY_TEXT, INVALID_JSON, INVALID_UTF8, MISSING_TEXT, NOT_AN_OBJECT, NULL_TEXT,
-                      TEXT_NOT_STRING, BadRecord, Document, RawRecord)
+                      TEXT_NOT_STRING, UNPAIRED_SURROGATE, BadRecord, Document, RawRecord)
 
 # Project Gutenberg wraps each book in a header ending with a "*** START OF ..." line (sometimes split over
 # two lines) and a licence footer starting with "End of [the] Project Gutenberg..." or "*** END OF ...".
@@ -18,38 +19,72 @@ GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG EBOOK
 HASH_SPACE = float(1 << 64)
 
 
-def parse_record(record: RawRecord) -> Document | BadRecord:
-    """Validate one raw record and return its cleaned document, or the reason it cannot be used."""
-    def bad(reason: str, detail: str) -> BadRecord:
-        return BadRecord(record.source, record.file, record.line, reason, detail)
+class _Unusable(Exception):
+    """Why a record cannot be used: a bad-input reason and a detail for the summary."""
 
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+def parse_record(record: RawRecord) -> Document | BadRecord:
+    """Validate one raw record and return its cleaned document, or the reason it cannot be used.
+
+    Bytes become text, and text bytes, in exactly one place each (`_decode`, `_digest`), so every reader's
+    undecodable bytes and every JSON string that is not Unicode text is a counted bad record, never a crash
+    further on (in a Beam coder or the tokenizer).
+    """
+    try:
+        text = clean_text(record.source, _record_text(record))
+        if not text:
+            raise _Unusable(EMPTY_TEXT, "no text left after stripping whitespace" +
+                            (" and Project Gutenberg boilerplate" if record.source == "books" else ""))
+        digest = _digest(text)
+    except _Unusable as unusable:
+        return BadRecord(record.source, record.file, record.line, unusable.reason, unusable.detail)
+    return Document(record.source, record.file, record.line, text, digest)
+
+
+def _record_text(record: RawRecord) -> str:
+    """The `text` of a JSON line, a whole text file or a parquet row, checked to be a string."""
     payload = record.payload
     if isinstance(payload, bytes):
+        decoded = _decode(payload)
+        if file_layout(record.file)[0] == "text":
+            return decoded
         try:
-            decoded = payload.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return bad(INVALID_UTF8, str(error))
-        if record.file.lower().endswith((".txt", ".txt.gz", ".txt.zst", ".txt.zstd")):
-            payload = {"text": decoded}
-        else:
-            try:
-                payload = json.loads(decoded)
-            except json.JSONDecodeError as error:
-                return bad(INVALID_JSON, str(error))
+            payload = json.loads(decoded)
+        except json.JSONDecodeError as error:
+            raise _Unusable(INVALID_JSON, str(error)) from None
     if not isinstance(payload, dict):
-        return bad(NOT_AN_OBJECT, f"a JSON {type(payload).__name__}, not an object")
+        raise _Unusable(NOT_AN_OBJECT, f"a JSON {type(payload).__name__}, not an object")
     if "text" not in payload:
-        return bad(MISSING_TEXT, f"fields are {sorted(payload)}")
+        raise _Unusable(MISSING_TEXT, f"fields are {sorted(payload)}")
     text = payload["text"]
+    if isinstance(text, bytes):  # a parquet cell, as stored (see readers._parquet_rows)
+        text = _decode(text)
     if text is None:
-        return bad(NULL_TEXT, "text is null")
+        raise _Unusable(NULL_TEXT, "text is null")
     if not isinstance(text, str):
-        return bad(TEXT_NOT_STRING, f"text is a {type(text).__name__}")
-    text = clean_text(record.source, text)
-    if not text:
-        return bad(EMPTY_TEXT, "no text left after stripping whitespace" +
-                   (" and Project Gutenberg boilerplate" if record.source == "books" else ""))
-    return Document(record.source, record.file, record.line, text, content_digest(text))
+        raise _Unusable(TEXT_NOT_STRING, f"text is a {type(text).__name__}")
+    return text
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _Unusable(INVALID_UTF8, str(error)) from None
+
+
+def _digest(text: str) -> str:
+    # A JSON escape can name half of a UTF-16 surrogate pair ("\ud800"): Python keeps it in the string,
+    # but no UTF-8 (and no tokenizer) can take it.
+    try:
+        return content_digest(text)
+    except UnicodeEncodeError as error:
+        raise _Unusable(UNPAIRED_SURROGATE, f"U+{ord(text[error.start]):04X} at character {error.start} of the text, "
+                                            f"half of a UTF-16 surrogate pair (a JSON \\u escape)") from None
 
 
 def clean_text(source: str, text: str) -> str:

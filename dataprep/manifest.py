@@ -50,12 +50,21 @@ def read_manifest(path: str | Path) -> dict:
     """Parse and validate `<out>/manifest.json`; raises `ManifestError` naming the file and the bad key."""
     path = Path(path)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         raise ManifestError(f"{path}: not valid JSON ({error})") from error
-    _validate(manifest, str(path))
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """Parse and validate a manifest's text; `where` (its path or URL) starts every error message."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{where}: not valid JSON ({error})") from error
+    _validate(manifest, where)
     return manifest
 
 

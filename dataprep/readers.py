@@ -19,7 +19,6 @@ CHUNK_BYTES = 1 << 20
 # repetitive text (like a 10 MB line of one word) reaches the hundreds.
 COMPRESSED_CHUNK_BYTES = 1 << 16
 PARQUET_BATCH_ROWS = 256
-PARQUET_COLUMNS = ("id", "url", "title", "text")
 COMPRESSION_SUFFIXES = ((".gz", "gzip"), (".zst", "zstd"), (".zstd", "zstd"))
 GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around deflate data
 
@@ -166,12 +165,16 @@ def _parquet_rows(source: str, path: str, handle: BinaryIO) -> Iterator[Output]:
     if "text" not in names:
         yield BadRecord(source, path, 0, MISSING_TEXT_COLUMN, f"columns are {names}")
         return
-    columns = [name for name in PARQUET_COLUMNS if name in names]
     row = 0
     try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-            for values in batch.to_pylist():
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
+            texts = batch.column(0)
+            # Strings as their stored bytes: parquet does not check UTF-8, and one bad cell would fail the
+            # whole batch's conversion; parse_record decodes each cell and counts a bad one as a bad record.
+            if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
+                texts = texts.view(pa.large_binary() if pa.types.is_large_string(texts.type) else pa.binary())
+            for text in texts.to_pylist():
                 row += 1
-                yield RawRecord(source, path, row, values)
+                yield RawRecord(source, path, row, {"text": text})
     except (pa.ArrowException, OSError) as error:
         yield BadRecord(source, path, row + 1, CORRUPT_STREAM, f"rows after {row} unreadable ({error})")

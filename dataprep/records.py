@@ -10,7 +10,8 @@ import numpy as np
 TRUNCATED_STREAM = "truncated_stream"          # gzip/zstd stream ends before its end-of-stream marker
 CORRUPT_STREAM = "corrupt_stream"              # compressed data that cannot be decoded at all
 RECORD_TOO_LARGE = "record_too_large"          # a line (or text file) over --max-record-mb
-INVALID_UTF8 = "invalid_utf8"
+INVALID_UTF8 = "invalid_utf8"                  # bytes that are not UTF-8 (in any reader)
+UNPAIRED_SURROGATE = "unpaired_surrogate"      # a JSON "\ud800" escape: a string no UTF-8 can hold
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"                # a JSON value that is not an object, e.g. [1, 2, 3]
 MISSING_TEXT = "missing_text"                  # no `text` field
@@ -20,8 +21,8 @@ EMPTY_TEXT = "empty_text"                      # empty, or whitespace only (afte
 NOT_PARQUET = "not_parquet"
 MISSING_TEXT_COLUMN = "missing_text_column"
 UNSUPPORTED_FORMAT = "unsupported_format"      # a file name the readers do not know
-BAD_INPUT_REASONS = (TRUNCATED_STREAM, CORRUPT_STREAM, RECORD_TOO_LARGE, INVALID_UTF8, INVALID_JSON,
-                     NOT_AN_OBJECT, MISSING_TEXT, NULL_TEXT, TEXT_NOT_STRING, EMPTY_TEXT, NOT_PARQUET,
+BAD_INPUT_REASONS = (TRUNCATED_STREAM, CORRUPT_STREAM, RECORD_TOO_LARGE, INVALID_UTF8, UNPAIRED_SURROGATE,
+                     INVALID_JSON, NOT_AN_OBJECT, MISSING_TEXT, NULL_TEXT, TEXT_NOT_STRING, EMPTY_TEXT, NOT_PARQUET,
                      MISSING_TEXT_COLUMN, UNSUPPORTED_FORMAT)
 
 # Good documents that are still left out, by design.
@@ -32,7 +33,8 @@ DOCUMENT = "document"
 
 
 class RawRecord(NamedTuple):
-    """One record as read from a file: a JSON line (bytes), a parquet row (dict) or a whole text file (bytes)."""
+    """One record as read from a file: a JSON line (bytes), a whole text file (bytes) or a parquet row (dict;
+    a string `text` cell as its stored bytes, decoded in `documents.parse_record` like every other text)."""
 
     source: str
     file: str
@@ -61,7 +63,7 @@ class Document(NamedTuple):
 
 
 class TokenizedDocument(NamedTuple):
-    """A document's token ids (no special tokens) and where it goes: split and output partition."""
+    """A document's token ids (no special tokens), its source and content hash."""
 
     source: str
     digest: str

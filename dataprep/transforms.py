@@ -1,7 +1,11 @@
 """The Beam transforms of the mixture pipeline, each a small named step.
 
     (source, path) -> ReadCorpusFiles -> ParseDocuments -> DropExactDuplicates -> TokenizeDocuments
-      -> AssignSplitsAndPartitions -> GroupByKey -> WritePartitions (MDS, one folder per stream and partition)
+      -> WritePartitions (split, MDS: one folder per stream and partition) -> MergeStreamIndexes (one per stream)
+
+Texts cross one shuffle (by hash, which drops the copies and spreads the tokenizing evenly over the
+workers) and token ids one (into their output partition); what the split rule needs from the whole corpus
+(per source: the smallest hash and the count) comes from hashes alone.
 
 Every step that leaves something out emits a `Tally` (and counts it in a Beam counter, for progress);
 `CountTallies` adds them up per file and outcome for the run summary. Nothing here depends on how a runner
@@ -16,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -24,6 +29,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from .assemble import merge_stream_index
 from .documents import digest_fraction, parse_record, partition_of, tokenize_texts
 from .manifest import KINDS, SOURCES, stream_name
 from .readers import read_records
@@ -149,7 +155,11 @@ class _KeepFirstCopyFn(beam.DoFn):
 
 
 class DropExactDuplicates(beam.PTransform):
-    """One `Document` per content hash: the first copy in (source, file, line) order; the others are tallied."""
+    """One `Document` per content hash: the first copy in (source, file, line) order; the others are tallied.
+
+    Grouping by hash also spreads the documents evenly over the workers that tokenize them, whatever the
+    sizes of the files they came from.
+    """
 
     def expand(self, documents):
         return (documents
@@ -170,6 +180,8 @@ class _TokenizeFn(beam.DoFn):
     def setup(self):
         from model import load_tokenizer
 
+        # One worker per core already: the tokenizer's own thread pool would only oversubscribe the cores.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._tokenizer = load_tokenizer()
 
     def start_bundle(self):
@@ -206,77 +218,94 @@ class TokenizeDocuments(beam.PTransform):
                 | "Tokenize" >> beam.ParDo(_TokenizeFn(self._min_tokens)).with_outputs(TALLIES, main="documents"))
 
 
-def _split_of(document: TokenizedDocument, fraction: float, first_per_source: dict, count_per_source: dict) -> str:
-    # Held out by hash; with a non-zero fraction, a source with no document under it still gives its
-    # smallest-hash document to validation (unless it has only one), so small corpora get a validation set
-    # from every source.
-    if digest_fraction(document.digest) < fraction:
+def split_of(source: str, digest: str, fraction: float, first_per_source: dict, count_per_source: dict) -> str:
+    """Validation or train, from the content hash.
+
+    With a non-zero fraction, a source with no document under it still gives its smallest-hash document
+    to validation (unless it has only one), so small corpora get a validation set from every source.
+    """
+    if digest_fraction(digest) < fraction:
         return "validation"
-    if (fraction > 0 and count_per_source[document.source] > 1
-            and first_per_source[document.source] == document.digest):
+    if fraction > 0 and count_per_source[source] > 1 and first_per_source[source] == digest:
         return "validation"
     return "train"
 
 
-class AssignSplitsAndPartitions(beam.PTransform):
-    """`TokenizedDocument`s -> ((source, split, partition), (digest, ids)), all three chosen from the content hash."""
-
-    def __init__(self, validation_fraction: float, partitions: int):
-        super().__init__()
-        self._fraction = validation_fraction
-        self._partitions = partitions
-
-    def expand(self, documents):
-        by_source = documents | "KeyBySource" >> beam.Map(lambda document: (document.source, document.digest))
-        first = (by_source
-                 | "SmallestHash" >> beam.CombinePerKey(min))  # hex digests sort as their numbers
-        counts = by_source | "CountPerSource" >> beam.combiners.Count.PerKey()
-        return documents | "Assign" >> beam.Map(self._assign, beam.pvalue.AsDict(first), beam.pvalue.AsDict(counts))
-
-    def _assign(self, document, first_per_source, count_per_source):
-        split = _split_of(document, self._fraction, first_per_source, count_per_source)
-        key = (document.source, split, partition_of(document.digest, self._partitions))
-        return key, (document.digest, document.ids)
-
-
 class _WritePartitionFn(beam.DoFn):
-    """Writes the natural and concatenated MDS samples of one (source, split, partition) group."""
+    """One source's output partition: the natural and concatenated MDS samples of each split, from its
+    documents in hash order."""
 
-    def __init__(self, staging: str, seq_len: int, min_tokens: int):
+    def __init__(self, staging: str, seq_len: int, min_tokens: int, validation_fraction: float):
         self._staging = staging
         self._seq_len = seq_len
         self._min_tokens = min_tokens
+        self._fraction = validation_fraction
         self._samples = Metrics.counter(METRICS_NAMESPACE, "samples_written")
 
-    def process(self, key_and_documents):
-        (source, split, partition), documents = key_and_documents
-        ordered = [ids for _, ids in sorted(documents, key=lambda digest_and_ids: digest_and_ids[0])]
-        document_tokens = sum(len(ids) for ids in ordered)
-        builders = {"natural": natural_samples(ordered, self._seq_len, self._min_tokens),
-                    "concat": concatenated_samples(ordered, self._seq_len)}
+    def process(self, key_and_documents, first_per_source, count_per_source):
+        (source, partition), documents = key_and_documents
+        splits: dict[str, list[np.ndarray]] = {}
+        for digest, ids in sorted(documents, key=lambda digest_and_ids: digest_and_ids[0]):
+            split = split_of(source, digest, self._fraction, first_per_source, count_per_source)
+            splits.setdefault(split, []).append(ids)
+        for split, ordered in sorted(splits.items()):
+            yield from self._write_group(source, split, partition, ordered)
+
+    def _write_group(self, source: str, split: str, partition: int, documents: list[np.ndarray]):
+        document_tokens = sum(len(ids) for ids in documents)
+        builders = {"natural": natural_samples(documents, self._seq_len, self._min_tokens),
+                    "concat": concatenated_samples(documents, self._seq_len)}
         for kind in KINDS:
             name = stream_name(source, kind)
             folder = FileSystems.join(self._staging, split, name, f"part-{partition:05d}")
-            samples, tokens = self._write(builders[kind], source, kind, folder)
+            samples, tokens = write_mds(builders[kind], source, kind, folder)
             self._samples.inc(samples)
             logger.info("wrote %s/%s partition %d: %d documents, %d samples, %d tokens",
-                        split, name, partition, len(ordered), samples, tokens)
-            yield {"split": split, "stream": name, "partition": partition, "documents": len(ordered),
+                        split, name, partition, len(documents), samples, tokens)
+            yield {"split": split, "stream": name, "partition": partition, "documents": len(documents),
                    "document_tokens": document_tokens, "samples": samples, "tokens": tokens}
 
-    def _write(self, samples, source: str, kind: str, folder: str) -> tuple[int, int]:
-        from streaming import MDSWriter
 
-        count = tokens = 0
-        with tempfile.TemporaryDirectory(prefix="mds-") as local:
-            with MDSWriter(out=local, columns=MDS_COLUMNS, compression="zstd") as writer:
-                for sample in samples:
-                    writer.write({"input_ids": sample, "source": source, "kind": kind})
-                    count += 1
-                    tokens += len(sample)
-            if count:
-                _publish(local, folder)
-        return count, tokens
+def write_mds(samples: Iterable[np.ndarray], source: str, kind: str, folder: str) -> tuple[int, int]:
+    """Writes `samples` as one MDS dataset (zstd) into `folder` (if there is any); returns samples and tokens."""
+    from streaming import MDSWriter
+
+    encode = _SampleEncoder(source, kind)
+    count = tokens = 0
+    with tempfile.TemporaryDirectory(prefix="mds-") as local:
+        with MDSWriter(out=local, columns=MDS_COLUMNS, compression="zstd") as writer:
+            for sample in samples:
+                writer.write(encode(sample))
+                count += 1
+                tokens += len(sample)
+        if count:
+            _publish(local, folder)
+    return count, tokens
+
+
+class _SampleEncoder:
+    """A sample's MDS columns as bytes, made by streaming's own encoders but not once per sample.
+
+    `source` and `kind` are the same for a whole stream, and an ndarray's encoding is a header (dtype,
+    shape) followed by the raw values, so the header is encoded once per sample length. MDSWriter takes
+    bytes as already encoded; the shards are the same bytes as from arrays and strings
+    (tests/test_dataprep_parts.py).
+    """
+
+    def __init__(self, source: str, kind: str):
+        from streaming.base.format.mds.encodings import mds_encode
+
+        self._mds_encode = mds_encode
+        self._constant = {"source": mds_encode(MDS_COLUMNS["source"], source),
+                          "kind": mds_encode(MDS_COLUMNS["kind"], kind)}
+        self._headers: dict[int, bytes] = {}
+
+    def __call__(self, sample: np.ndarray) -> dict[str, bytes]:
+        header = self._headers.get(len(sample))
+        if header is None:
+            encoded = self._mds_encode(MDS_COLUMNS["input_ids"], sample)
+            header = self._headers[len(sample)] = encoded[: len(encoded) - sample.nbytes]
+        return {"input_ids": header + sample.tobytes(), **self._constant}
 
 
 def _publish(local: str, folder: str) -> None:
@@ -288,18 +317,51 @@ def _publish(local: str, folder: str) -> None:
 
 
 class WritePartitions(beam.PTransform):
-    """Grouped documents -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, and a stats dict for each."""
+    """`TokenizedDocument`s -> MDS partitions under `staging/<split>/<stream>/part-NNNNN/`, and a stats dict for each.
 
-    def __init__(self, staging: str, seq_len: int, min_tokens: int):
+    Token ids cross one shuffle, into their (source, partition) group, the partition chosen from the
+    content hash. The split is chosen there too, from the hash and two numbers per source (its smallest
+    hash and its document count) that a side path computes from hashes alone.
+    """
+
+    def __init__(self, settings: PipelineSettings):
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, documents):
+        settings = self._settings
+        by_source = documents | "KeyBySource" >> beam.Map(lambda document: (document.source, document.digest))
+        smallest = by_source | "SmallestHash" >> beam.CombinePerKey(min)  # hex digests sort as their numbers
+        counts = by_source | "CountPerSource" >> beam.combiners.Count.PerKey()
+        return (documents
+                | "KeyByPartition" >> beam.Map(lambda document: (
+                    (document.source, partition_of(document.digest, settings.partitions)),
+                    (document.digest, document.ids)))
+                | "GroupPartitions" >> beam.GroupByKey()
+                | "WriteMds" >> beam.ParDo(
+                    _WritePartitionFn(settings.staging, settings.seq_len, settings.min_tokens,
+                                      settings.validation_fraction),
+                    beam.pvalue.AsDict(smallest), beam.pvalue.AsDict(counts)))
+
+
+class MergeStreamIndexes(beam.PTransform):
+    """Partition stats -> one merged MDS `index.json` per stream with samples, written where the workers are.
+
+    In the pipeline rather than in the launching process: the workers have streaming loaded already.
+    """
+
+    def __init__(self, staging: str):
         super().__init__()
         self._staging = staging
-        self._seq_len = seq_len
-        self._min_tokens = min_tokens
 
-    def expand(self, keyed_documents):
-        return (keyed_documents
-                | "GroupPartitions" >> beam.GroupByKey()
-                | "WriteMds" >> beam.ParDo(_WritePartitionFn(self._staging, self._seq_len, self._min_tokens)))
+    def expand(self, stats):
+        staging = self._staging
+        return (stats
+                | "WithSamples" >> beam.Filter(lambda row: row["samples"] > 0)
+                | "KeyByStream" >> beam.Map(lambda row: ((row["split"], row["stream"]), row["partition"]))
+                | "GroupStreams" >> beam.GroupByKey()
+                | "Merge" >> beam.MapTuple(lambda stream, partitions: merge_stream_index(staging, *stream,
+                                                                                         list(partitions))))
 
 
 class _TallyFn(beam.CombineFn):
@@ -349,9 +411,8 @@ def build_mixture_pipeline(pipeline: beam.Pipeline, inputs: list[tuple[str, str]
     parsed = read.records | "ParseDocuments" >> ParseDocuments(settings.strict)
     unique = parsed.documents | "DropExactDuplicates" >> DropExactDuplicates()
     tokenized = unique.documents | "TokenizeDocuments" >> TokenizeDocuments(settings.min_tokens)
-    keyed = tokenized.documents | "AssignSplitsAndPartitions" >> AssignSplitsAndPartitions(
-        settings.validation_fraction, settings.partitions)
-    stats = keyed | "WritePartitions" >> WritePartitions(settings.staging, settings.seq_len, settings.min_tokens)
+    stats = tokenized.documents | "WritePartitions" >> WritePartitions(settings)
+    stats | "MergeStreamIndexes" >> MergeStreamIndexes(settings.staging)
 
     tallies = ((read[TALLIES], parsed[TALLIES], unique[TALLIES], tokenized[TALLIES])
                | "AllTallies" >> beam.Flatten()

@@ -1,7 +1,8 @@
 """The real mixture pipeline (Beam DirectRunner, worker processes) on the bundled sample, read back with StreamingDataset.
 
 Pipeline runs (about 10-25 s each on 2 cores): the bundled sample with 2 workers; the same with 1 worker,
-killed mid-way and run again; the broken corpora, skipping (in process) and --strict (in a worker).
+killed mid-way (a second run into the same folder is refused meanwhile) and run again; the broken corpora,
+skipping (in process) and --strict (in a worker).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,15 +216,22 @@ def test_summary_counts_documents_and_duplicates(mixture):
 
 @pytest.fixture(scope="module")
 def killed_then_rerun(tmp_path_factory):
-    """A 1-worker build killed (SIGKILL, whole process group) once it has written MDS files, then run again."""
+    """A 1-worker build killed (SIGKILL, whole process group) once it has written MDS files, then run again.
+
+    While it runs, a second build into the same folder is started (and refused).
+    """
     out = tmp_path_factory.mktemp("interrupted") / "mix"
-    staging = Path(f"{out}.partial")
+    staging, lock = Path(f"{out}.partial"), Path(f"{out}.lock")
     command = [sys.executable, "-m", "dataprep.build_mixture", "--out", str(out), "--seq-len", str(SEQ_LEN),
                "--direct_num_workers=1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
+        while not lock.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        concurrent = run_cli("--out", str(out), "--seq-len", str(SEQ_LEN), workers=1, check=False)
         while not any(staging.rglob("shard.*.mds.zstd")):
             assert process.poll() is None, "the run ended before it could be interrupted"
             assert time.monotonic() < deadline
@@ -231,21 +240,36 @@ def killed_then_rerun(tmp_path_factory):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     left_behind = {"out_exists": out.exists(), "staging_has_mds": any(staging.rglob("*.mds.zstd")),
-                   "manifests": [str(path) for path in out.parent.rglob("manifest.json")]}
+                   "manifests": [str(path) for path in out.parent.rglob("manifest.json")],
+                   "lock_holder": json.loads(lock.read_text())}
     completed = run_cli("--out", str(out), "--seq-len", str(SEQ_LEN), workers=1)
-    return out, left_behind, completed
+    return out, left_behind, completed, {"pid": process.pid, "result": concurrent}
 
 
 def test_interrupted_run_leaves_nothing_that_looks_finished(killed_then_rerun):
-    out, left_behind, completed = killed_then_rerun
-    assert left_behind == {"out_exists": False, "staging_has_mds": True, "manifests": []}
-    assert not Path(f"{out}.partial").exists()
+    out, left_behind, completed, _ = killed_then_rerun
+    assert {key: value for key, value in left_behind.items() if key != "lock_holder"} == {
+        "out_exists": False, "staging_has_mds": True, "manifests": []}
+    assert not Path(f"{out}.partial").exists() and not Path(f"{out}.lock").exists()
     assert "left by an interrupted run" in completed.stderr
+    holder = left_behind["lock_holder"]
+    assert f"taking over {out}.lock: its holder (host {holder['host']}, pid {holder['pid']}" in completed.stderr
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(killed_then_rerun):
+    out, left_behind, _, first = killed_then_rerun
+    refused = first["result"]
+    assert refused.returncode == 2
+    assert left_behind["lock_holder"]["pid"] == first["pid"]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --out {out} is in use by another build_mixture run (host {socket.gethostname()}, pid {first['pid']}, "
+        f"started {left_behind['lock_holder']['started']}); lock file {out}.lock. If that run is no longer running "
+        f"(for example killed on another machine), delete the lock file and run again.")
 
 
 def test_same_bytes_whatever_the_workers_and_after_an_interruption(mixture, killed_then_rerun):
     two_workers, _, digests = mixture
-    one_worker_rerun, _, _ = killed_then_rerun
+    one_worker_rerun, _, _, _ = killed_then_rerun
     rerun_digests = file_digests(one_worker_rerun)
     assert len(digests) > 50
     assert {path: digest for path, digest in digests.items() if path != "summary.json"} == {

@@ -69,7 +69,7 @@ def test_parquet_problems_are_file_level_records():
     assert outcomes(read(BAD / "not-a-parquet.parquet", "wikipedia")) == [(0, records.NOT_PARQUET)]
     assert outcomes(read(BAD / "wikipedia-no-text-column.parquet", "wikipedia")) == [(0, records.MISSING_TEXT_COLUMN)]
     rows = read(next((SAMPLE / "wikipedia").rglob("*.parquet")), "wikipedia")
-    assert len(rows) == 61 and set(rows[0].payload) == {"id", "url", "title", "text"}
+    assert len(rows) == 61 and set(rows[0].payload) == {"text"} and isinstance(rows[0].payload["text"], bytes)
 
 
 def test_unknown_file_kinds_are_reported():
@@ -216,3 +216,22 @@ def test_cli_rejects_arguments_that_cannot_work(tmp_path, capsys, arguments, mes
     assert build_mixture.main([*arguments, "--out", str(tmp_path / "never")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_mds_shards_are_the_bytes_streaming_writes_from_arrays_and_strings(tmp_path):
+    from streaming import MDSWriter, StreamingDataset
+
+    from dataprep import transforms
+
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(1000, 30000, size=size, dtype=np.uint16) for size in (5, 126, 300, 40, 126)]
+    built = list(samples.natural_samples(parts, seq_len=128, min_tokens=8))
+    assert transforms.write_mds(iter(built), "books", "natural", str(tmp_path / "ours")) == (
+        len(built), sum(len(sample) for sample in built))
+    with MDSWriter(out=str(tmp_path / "plain"), columns=transforms.MDS_COLUMNS, compression="zstd") as writer:
+        for sample in built:
+            writer.write({"input_ids": sample, "source": "books", "kind": "natural"})
+    ours = {path.name: path.read_bytes() for path in (tmp_path / "ours").iterdir()}
+    assert ours == {path.name: path.read_bytes() for path in (tmp_path / "plain").iterdir()}
+    dataset = StreamingDataset(local=str(tmp_path / "ours"), shuffle=False, batch_size=1)
+    assert all(np.array_equal(dataset[index]["input_ids"], sample) for index, sample in enumerate(built))
