@@ -129,7 +129,11 @@ def check_encoder_source(section: ModelSection) -> None:
         raise FileNotFoundError(f"model.name_or_path={section.name_or_path!r}: no such directory (and not a known "
                                 f"alias: {', '.join(MINILM_ALIASES)})")
     if not section.trust_remote_code and not is_m2_directory(path):
-        check_runs_no_code(path)
+        try:
+            check_runs_no_code(path)
+        except PermissionError as err:
+            raise PermissionError(f"model.name_or_path: {err} (in a fine-tuning config: model.trust_remote_code: "
+                                  "true)") from None
 
 
 def build_encoder(section: ModelSection) -> TextEncoder:
