@@ -110,14 +110,17 @@ def test_resumed_run_logs_each_step_once(runs):
     assert not list(checkpoints.directory.glob(".*partial"))  # the killed attempt's staging folder is gone
 
 
+# The file of the finished run's last checkpoint that gets a crafted pickle, per ZeRO stage.
+CRAFTED = {1: "mp_rank_00_model_states.pt", 2: "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
 def test_resume_refuses_a_checkpoint_file_that_would_run_code(runs, tmp_path):
-    """A crafted pickle in rank 1's ZeRO optimizer partition (the manifest edited to match): `--resume` under
-    the `deepspeed` launcher refuses, naming the file, before anything loads or is written."""
-    if runs["stage"] != 2:
-        pytest.skip("one ZeRO stage suffices: the refusal happens before DeepSpeed reads the checkpoint")
+    """A crafted pickle in the model states (ZeRO-1) or rank 1's optimizer partition (ZeRO-2), the manifest
+    edited to match: `--resume` under the `deepspeed` launcher refuses, naming the file, before anything is
+    loaded from the checkpoint or written."""
     run, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(runs["full"], run)
-    partition = run / "checkpoints" / "step00000024" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    partition = run / "checkpoints" / "step00000024" / CRAFTED[runs["stage"]]
     write_payload(partition, marker)
     match_manifest(partition.parent)
     before = {name: (run / name).read_bytes() for name in (METRICS_FILE, "summary.json")}
