@@ -20,7 +20,7 @@ import torch
 from pretrain_fixtures import VENV_BIN, cpu_env, killed_while_publishing, match_manifest, write_payload
 from test_trainer import ACCUMULATION, MICRO_BATCH, STEPS, LeastSquaresTask
 
-from train.checkpointing import LATEST_FILE, MANIFEST_FILE, CheckpointManager, step_tag
+from train.checkpointing import LATEST_FILE, MANIFEST_FILE, CheckpointManager, file_sizes, step_tag
 from train.logging_utils import METRICS_FILE, MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def fake_checkpoint(manager: CheckpointManager, step: int) -> None:
     staging = manager.directory / f".{step_tag(step)}.checkpoint-partial"
     staging.mkdir(parents=True)
     torch.save({"step": torch.tensor(step)}, staging / "mp_rank_00_model_states.pt")
-    manager.publish(staging, step_tag(step), step, world_size=1)
+    manager.publish(staging, step_tag(step), step, world_size=1, files=file_sizes(staging))
 
 
 def test_pruning_keeps_the_checkpoint_just_written_and_leaves_newer_ones(tmp_path):

@@ -9,8 +9,9 @@ draws the same batches, dropout and masking as an uninterrupted one. `train.trai
 Publication, for shared storage where any process may be killed at any moment:
   1. every rank writes its parts into a hidden staging folder `.stepNNNNNNNN.checkpoint-partial` and flushes
      them to storage; a barrier;
-  2. rank 0 writes `manifest.json` (every file with its size) into it, renames it to `stepNNNNNNNN` and then
-     atomically replaces the pointer `latest` (for DeepSpeed's own tools, e.g. `zero_to_fp32.py`);
+  2. rank 0 writes `manifest.json` (every file with its size, as the rank that wrote it sees it) into it,
+     renames it to `stepNNNNNNNN` and then atomically replaces the pointer `latest` (for DeepSpeed's own
+     tools, e.g. `zero_to_fp32.py`);
   3. rank 0 prunes: it keeps the newest `keep_last` complete checkpoints up to the new one (never the new one,
      never a newer one) and removes older ones and the staging leftovers of killed attempts.
 A folder named `stepNNNNNNNN` is therefore complete when its manifest matches its files. `--resume` takes the
@@ -32,7 +33,7 @@ from typing import Callable
 import torch
 
 from .distributed import barrier, gather_full_state_dict, is_main_process
-from .files import atomic_write_text, fsync_files, publish_folder, staging_folder
+from .files import atomic_write_text, fsync_files, publish_folder, staging_folder, staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,30 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under `folder` (relative name -> size in bytes), as this process sees it."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def merge_file_sizes(views: list[dict[str, int]]) -> dict[str, int]:
+    """One listing from several processes' views of a folder whose files are complete: the union, each file at
+    the largest size seen (a lagging view sees a file shorter, or not at all)."""
+    merged: dict[str, int] = {}
+    for view in views:
+        for name, size in view.items():
+            merged[name] = max(size, merged.get(name, 0))
+    return dict(sorted(merged.items()))
+
+
+def gather_from_all(value) -> list:
+    """Collective: every rank's `value`, in rank order."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def broadcast_from_main(value):
@@ -132,15 +157,12 @@ class CheckpointManager:
         """Whether the run directory holds a checkpoint or a pointer to one (complete or not)."""
         return bool(self.tags()) or (self.directory / LATEST_FILE).exists()
 
-    def manifest(self, tag: str) -> dict:
-        return json.loads((self.directory / tag / MANIFEST_FILE).read_text(encoding="utf-8"))
-
     # --- saving -------------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, rank_state: dict[str, torch.Tensor] | None = None) -> Path:
         """Collective: write the checkpoint of optimizer step `step` on every rank, publish it, prune old ones."""
         tag = step_tag(step)
         target = self.directory / tag
-        staging = target.with_name(f".{tag}.checkpoint-partial")
+        staging = staging_path(target, "checkpoint")
         if is_main_process():
             self.directory.mkdir(parents=True, exist_ok=True)
             staging_folder(target, "checkpoint")
@@ -150,18 +172,20 @@ class CheckpointManager:
         torch.save(state, staging / f"rng_rank{process_rank()}.pt")
         fsync_files(staging)  # this rank's parts reach the storage before rank 0 declares the checkpoint whole
         barrier()
+        # Each rank sees its own files exactly; on a network file system rank 0's view of the others' may lag.
+        files = merge_file_sizes(gather_from_all(file_sizes(staging)))
         if is_main_process():
             world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            self.publish(staging, tag, step, world_size)
+            self.publish(staging, tag, step, world_size, files)
             self.prune(tag)
         barrier()
         return target
 
-    def publish(self, staging: Path, tag: str, step: int, world_size: int) -> None:
-        """Rank 0, once every rank's parts are in `staging`: the manifest, the folder's final name, the pointer."""
+    def publish(self, staging: Path, tag: str, step: int, world_size: int, files: dict[str, int]) -> None:
+        """Rank 0, once every rank's parts (`files`: name -> size) are in `staging`: the manifest, the folder's
+        final name, then the pointer."""
         import deepspeed
 
-        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = {"format": MANIFEST_FORMAT, "tag": tag, "step": step, "world_size": world_size,
                     "deepspeed": deepspeed.__version__, "torch": torch.__version__, "files": files}
         atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")

@@ -42,10 +42,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_directory(path.parent)
 
 
-def staging_folder(target: str | Path, purpose: str) -> Path:
-    """An empty hidden sibling of `target` to build its new content in (a leftover of a killed attempt is removed)."""
+def staging_path(target: str | Path, purpose: str) -> Path:
+    """The hidden sibling of `target` in which its new content is built (`.<name>.<purpose>-partial`)."""
     target = Path(target)
-    staging = target.with_name(f".{target.name}.{purpose}-partial")
+    return target.with_name(f".{target.name}.{purpose}-partial")
+
+
+def staging_folder(target: str | Path, purpose: str) -> Path:
+    """`staging_path`, created empty (a leftover of a killed attempt is removed)."""
+    staging = staging_path(target, purpose)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
