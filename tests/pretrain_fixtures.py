@@ -1,5 +1,6 @@
-"""Shared by the pretraining, warm-start and Slurm tests: the mixture `dataprep` builds from the bundled
-sample (built once per test session), and helpers to launch real 2-process CPU DeepSpeed runs."""
+"""Shared by the training tests: the mixture `dataprep` builds from the bundled sample (built once per test
+session), helpers to launch real 2-process CPU DeepSpeed runs, and the damage the checkpoint tests do to a run
+folder (a crafted pickle, an edited manifest, what a kill while publishing leaves)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from train.checkpointing import LATEST_FILE, MANIFEST_FILE, step_tag
 from train.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,3 +72,35 @@ def deepspeed_pretrain(*args: str, nproc: int = 2) -> str:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+class RunsCode:
+    """Pickles as a call of `exec` that writes `marker`: what a crafted checkpoint file would do when loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code from a checkpoint ran')",)
+
+
+def write_payload(path: Path, marker: Path) -> None:
+    """Replace a checkpoint file by a torch.save archive shaped like one, whose pickle runs code when loaded."""
+    torch.save({"module": {"weight": torch.zeros(2)}, "optimizer": RunsCode(marker)}, path)
+
+
+def match_manifest(folder: Path) -> None:
+    """Rewrite a checkpoint's manifest to its files' current sizes, as someone editing the run folder could."""
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["files"] = {name: (folder / name).stat().st_size for name in manifest["files"]}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def killed_while_publishing(checkpoints: Path, step: int, previous: int) -> None:
+    """Leave what a kill while the checkpoint of `step` was being published leaves: its parts in the staging
+    folder, without rank 1's file or the manifest, and `latest` naming the checkpoint of step `previous`."""
+    staging = checkpoints / f".{step_tag(step)}.checkpoint-partial"
+    (checkpoints / step_tag(step)).rename(staging)
+    (staging / MANIFEST_FILE).unlink()
+    (staging / "rng_rank1.pt").unlink()
+    (checkpoints / LATEST_FILE).write_text(step_tag(previous))

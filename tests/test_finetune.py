@@ -35,9 +35,9 @@ def tiny_export(tmp_path_factory) -> Path:
     return directory
 
 
-def finetune(config: Path, overrides: list[str], *flags: str, processes: int = 1, timeout: int = 300) -> dict:
-    """Run the CLI (`python -m train.finetune`, or the `deepspeed` launcher for several processes) and
-    return its summary.json."""
+def run_finetune(config: Path, overrides: list[str], *flags: str, processes: int = 1,
+                 timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the CLI: `python -m train.finetune`, or the `deepspeed` launcher for several processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if processes == 1:
         command = [sys.executable, "-m", "train.finetune"]
@@ -45,7 +45,12 @@ def finetune(config: Path, overrides: list[str], *flags: str, processes: int = 1
         command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(processes),
                    "--master_port", str(free_port()), str(REPO / "train" / "finetune.py")]
     command += ["--config", str(config), *overrides, *flags]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def finetune(config: Path, overrides: list[str], *flags: str, processes: int = 1, timeout: int = 300) -> dict:
+    """Run the CLI (`run_finetune`) and return its summary.json."""
+    result = run_finetune(config, overrides, *flags, processes=processes, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     output_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output.dir=")))
     return json.loads((output_dir / "summary.json").read_text())
@@ -171,3 +176,29 @@ def test_stopped_and_resumed_two_process_run_matches_the_uninterrupted_one(tiny_
     assert whole_weights.keys() == resumed_weights.keys()
     for name, tensor in whole_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_model_folder_that_would_run_its_own_code_is_refused_before_any_work(tmp_path):
+    from test_model_trust import minilm_copy, with_custom_module
+
+    marker, run_dir = tmp_path / "marker", tmp_path / "run"
+    folder = with_custom_module(minilm_copy(tmp_path / "evil"), marker)
+    result = run_finetune(TINY_CONFIG, [f"model.name_or_path={folder}", f"output.dir={run_dir}"])
+    assert result.returncode != 0
+    assert (f"PermissionError: model.name_or_path: {folder}: modules.json names module(s) ['modeling_evil.Evil']"
+            in result.stderr), result.stderr[-3000:]
+    assert "model.trust_remote_code: true" in result.stderr
+    assert not marker.exists() and not run_dir.exists()  # nothing ran, nothing was written
+
+
+def test_trust_remote_code_reaches_the_encoder_loader(tmp_path):
+    from test_model_trust import minilm_copy, with_custom_module
+
+    from train.retrieval_task import ModelSection, build_encoder, check_encoder_source
+
+    marker = tmp_path / "marker"
+    folder = with_custom_module(minilm_copy(tmp_path / "trusted"), marker)
+    section = ModelSection(name_or_path=str(folder), trust_remote_code=True)
+    check_encoder_source(section)
+    build_encoder(section)
+    assert marker.read_text() == "the folder's code ran"

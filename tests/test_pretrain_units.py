@@ -50,6 +50,36 @@ def test_overrides_are_typed_and_unknown_keys_are_named(tmp_path):
         load_config(PretrainConfig, bad)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.hyena_filter.lr=-1e-3", r"optimizer\.hyena_filter: lr must be a positive finite number, got -0\.001"),
+    ("optimizer.hyena_positional.lr=.nan", r"optimizer\.hyena_positional: lr must be a positive finite number"),
+    ("optimizer.hyena_filter.weight_decay=-0.1", r"optimizer\.hyena_filter: weight_decay must be a finite number >= 0"),
+    ("optimizer.lr=0", r"optimizer: lr must be a positive finite number, got 0"),
+    ("optimizer.lr=.inf", r"optimizer: lr must be a positive finite number, got inf"),
+    ("optimizer.weight_decay=-1e-5", r"optimizer: weight_decay must be a finite number >= 0"),
+    ("optimizer.betas=[0.9,1.0]", r"optimizer: betas must be two numbers in \[0, 1\), got \[0\.9, 1\.0\]"),
+    ("optimizer.betas=[-0.1,0.98]", r"optimizer: betas must be two numbers in \[0, 1\)"),
+    ("optimizer.eps=0", r"optimizer: eps must be a positive finite number, got 0"),
+])
+def test_every_optimizer_group_setting_is_checked_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=rf"pretrain_tiny\.yaml: {message}"):
+        load_config(PretrainConfig, REPO / "configs" / "pretrain_tiny.yaml", [override])
+
+
+def test_a_negative_hyena_learning_rate_fails_the_command_before_anything_is_built(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    config = REPO / "configs" / "pretrain_tiny.yaml"
+    result = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", str(config),
+                             "optimizer.hyena_filter.lr=-1e-3", f"output.dir={out}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "optimizer.hyena_filter: lr must be a positive finite number, got -0.001" in result.stderr
+    assert not out.exists()  # refused before the run folder (made before the model is built) exists
+
+
 def test_keys_a_config_leaves_out_get_its_tasks_recipe(tmp_path):
     """The shared sections are one schema, but a fine-tuning file without an optimizer section trains at the
     fine-tuning recipe's lr 5e-6, not pretraining's 5e-4; what a file sets wins."""

@@ -85,3 +85,48 @@ def test_cli_writes_a_loadable_model_that_evaluates_on_both_lengths(source, mixt
     output = model(input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
     assert output.logits.shape == (len(range(0, LONG, 7)), model.config.vocab_size)
     assert torch.isfinite(output.loss)
+
+
+def folder_contents(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where, message", [
+    ("same", "is the --from model itself"),
+    ("inside", "is inside the --from model"),
+    ("around", "contains the --from model"),
+    ("foreign", "is a non-empty folder that is not an earlier warm start"),
+    ("file", "is a file"),
+])
+def test_cli_refuses_an_output_that_would_overwrite_what_it_was_not_given(source, tmp_path, capsys, where, message):
+    from train.warm_start import main
+
+    parent = tmp_path / "runs"
+    source_dir = parent / "short"
+    source.save_pretrained(source_dir)
+    (parent / "notes").mkdir()
+    (parent / "notes" / "results.txt").write_text("a user's file")
+    (parent / "log.txt").write_text("a user's file")
+    out = {"same": source_dir, "inside": source_dir / "long", "around": parent, "foreign": parent / "notes",
+           "file": parent / "log.txt"}[where]
+    before = folder_contents(parent)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--from", str(source_dir), "--length", str(LONG), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert folder_contents(parent) == before  # nothing written, nothing replaced
+    assert sorted(p.name for p in parent.iterdir()) == ["log.txt", "notes", "short"]
+
+
+def test_cli_replaces_an_earlier_warm_start_whole(source, tmp_path):
+    from train.warm_start import main
+
+    source_dir, out = tmp_path / "short", tmp_path / "long"
+    source.save_pretrained(source_dir)
+    source_files = folder_contents(source_dir)
+    assert main(["--from", str(source_dir), "--length", str(LONG), "--out", str(out)]) == 0
+    assert main(["--from", str(source_dir), "--length", str(2 * LONG), "--z-mode", "interpolate", "--out", str(out)]) == 0
+    assert json.loads((out / "warm_start.json").read_text())["length"] == 2 * LONG
+    assert M2BertForMaskedLM.from_pretrained(out).config.max_position_embeddings == 2 * LONG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "short"]  # no staging or replaced folder left
+    assert folder_contents(source_dir) == source_files

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
+
+from train.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -82,12 +85,26 @@ class TrainingSection:
         return self.global_batch_size // per_pass
 
 
+def check_learning_rate(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a positive finite number, got {value}")
+
+
+def check_weight_decay(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+
+
 @dataclass
 class HyenaGroupConfig:
     """Learning rate and weight decay of one group of Hyena filter parameters."""
 
     lr: float
     weight_decay: float
+
+    def __post_init__(self):
+        check_learning_rate("lr", self.lr)
+        check_weight_decay("weight_decay", self.weight_decay)
 
 
 @dataclass
@@ -112,12 +129,17 @@ class OptimizerConfig:
     hyena_positional: HyenaGroupConfig | None = None
 
     def __post_init__(self):
+        """Every AdamW setting of every group, before any model is built (the Hyena groups check their own)."""
+        check_learning_rate("lr", self.lr)
+        check_weight_decay("weight_decay", self.weight_decay)
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a positive finite number, got {self.eps}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must have two values, got {self.betas}")
 
 
 @dataclass
@@ -242,7 +264,7 @@ def to_mapping(config: Any) -> dict:
 
 
 def write_yaml(values: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def _coerce(hint, value, where: str, key: str):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.data import load_tasks
-from model.encoders import TextEncoder, load_encoder
+from model.encoders import MINILM_ALIASES, TextEncoder, check_runs_no_code, is_m2_directory, load_encoder
 from train.config import RunConfig
 from train.distributed import LaunchEnvironment
 from train.retrieval_examples import (NEGATIVE_KINDS, BatchPlan, NegativeSampler, RetrievalExample, TaskTexts,
@@ -37,11 +37,14 @@ LOSSES = ("opl", "mnrl")
 @dataclass
 class ModelSection:
     """The encoder to fine-tune: an M2-BERT directory (pretraining export or the authors' checkpoint), a
-    sentence-transformers or Hugging Face directory, or `all-MiniLM-L6-v2` (`model.encoders.load_encoder`)."""
+    sentence-transformers or Hugging Face directory, or `all-MiniLM-L6-v2` (`model.encoders.load_encoder`).
+    A folder that would run code of its own (a module it names, Python files it ships) is refused unless
+    `trust_remote_code`."""
 
     name_or_path: str
     overrides: dict = field(default_factory=dict)  # M2 config overrides, e.g. {padding_mode: masked}
     activation_checkpointing: bool = False
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -116,9 +119,26 @@ def make_objective(section: LossSection) -> PairObjective | TripletObjective:
     return PairObjective(section.repeat_positive) if section.name == "opl" else TripletObjective(section.scale)
 
 
+def check_encoder_source(section: ModelSection) -> None:
+    """What `load_encoder` would refuse about the model folder, found by reading a few small files: a path that
+    is neither a folder nor the MiniLM alias, or (unless trusted) a folder that would run code of its own."""
+    if section.name_or_path.lower() in MINILM_ALIASES:
+        return
+    path = Path(section.name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.name_or_path={section.name_or_path!r}: no such directory (and not a known "
+                                f"alias: {', '.join(MINILM_ALIASES)})")
+    if not section.trust_remote_code and not is_m2_directory(path):
+        try:
+            check_runs_no_code(path)
+        except PermissionError as err:
+            raise PermissionError(f"model.name_or_path: {err} (in a fine-tuning config: model.trust_remote_code: "
+                                  "true)") from None
+
+
 def build_encoder(section: ModelSection) -> TextEncoder:
     """The encoder on CPU, in training mode (an M2 pretraining export gets a fresh pooler: seed first)."""
-    encoder = load_encoder(section.name_or_path, **section.overrides)
+    encoder = load_encoder(section.name_or_path, trust_remote_code=section.trust_remote_code, **section.overrides)
     if section.activation_checkpointing:
         encoder.gradient_checkpointing_enable()
     return encoder.train()
@@ -162,6 +182,10 @@ class RetrievalTask(Task):
     title = "retrieval fine-tuning"
     headline_metrics = ("loss", "margin")
     evaluate_before_training = True
+
+    @classmethod
+    def check_inputs(cls, config: FinetuneConfig) -> None:
+        check_encoder_source(config.model)
 
     def __init__(self, config: FinetuneConfig, env: LaunchEnvironment, device: torch.device):
         self.config = config

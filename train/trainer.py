@@ -31,6 +31,7 @@ from train.checkpointing import CheckpointManager, export_pretrained
 from train.config import RunConfig, load_config, to_mapping, write_yaml
 from train.distributed import (all_reduce, barrier, deepspeed_config, init_distributed,
                                initialize_engine, launch_environment, resolve_precision, shutdown)
+from train.files import atomic_write_text
 from train.logging_utils import METRICS_FILE, MetricsLogger, plot_training_curves, progress_bar, setup_logging
 from train.memory import peak_memory_bytes, reset_peak_memory
 from train.optim import build_adamw, linear_warmup_decay
@@ -57,6 +58,11 @@ class Task:
     evaluate_before_training: bool = False  # a starting point to compare with
     backward_calls: int = 1
     total_steps: int
+
+    @classmethod
+    def check_inputs(cls, config: RunConfig) -> None:
+        """Refuse what the config names that could not be used, or would run code unasked (e.g. a model folder
+        shipping its own), before anything is written or built; the error names the file or key."""
 
     def build_model(self) -> torch.nn.Module:
         """The model to train, on CPU, in training mode; called after seeding, so identical on every rank."""
@@ -157,12 +163,13 @@ class Trainer:
         logger.info("checkpoint written: %s", path)
 
     def resume(self) -> bool:
-        """Continue from the latest checkpoint; False (and a fresh start) when the run has none yet."""
-        tag = self.checkpoints.latest()
-        if tag is None:
+        """Collective: continue from the newest complete checkpoint; False (and a fresh start) when the run has
+        none yet. `train.checkpointing.CheckpointError` when it has checkpoints but none to resume from."""
+        found = self.checkpoints.load(self.engine)
+        if found is None:
             logger.info("no checkpoint in %s: starting from step 0", self.checkpoints.directory)
             return False
-        state, rank_state = self.checkpoints.load(self.engine, tag)
+        tag, state, rank_state = found
         if "task" not in state:
             raise ValueError(f"{self.checkpoints.directory / tag}: not a checkpoint of train.trainer (no task state)")
         if state["world_size"] != self.env.world_size:
@@ -221,7 +228,8 @@ class Trainer:
         then export (when finished), plot the curves and write the summary. Returns the summary."""
         training = self.config.training
         main = self.env.is_main
-        metrics_log = MetricsLogger(self.output_dir, enabled=main, tensorboard=self.config.output.tensorboard)
+        metrics_log = MetricsLogger(self.output_dir, enabled=main, tensorboard=self.config.output.tensorboard,
+                                    resumed_from=self.resumed_from)
         eval_initial, last_train, last_eval = {}, {}, {}
         if self.task.evaluate_before_training and self.step == 0:
             eval_initial = self.evaluate(metrics_log)
@@ -257,7 +265,7 @@ class Trainer:
                 plot_training_curves(self.output_dir, self.output_dir / "curves.png",
                                      panels=self.task.headline_metrics,
                                      title=f"{self.task.title} ({self.output_dir.name})")
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         barrier()
         return summary
 
@@ -299,6 +307,7 @@ def main(argv: list[str] | None, task_class: type[Task], description: str) -> in
     env = launch_environment()
     setup_logging(env.rank)
     config = load_config(task_class.config_class, args.config, args.overrides)
+    task_class.check_inputs(config)
     device = init_distributed(config.training.device)
     output_dir = Path(config.output.dir)
     if env.is_main:
@@ -307,7 +316,7 @@ def main(argv: list[str] | None, task_class: type[Task], description: str) -> in
     trainer = Trainer(config, task_class(config, env, device), device)
     if args.resume:
         trainer.resume()
-    elif trainer.checkpoints.latest() is not None:
+    elif trainer.checkpoints.has_checkpoints():
         raise SystemExit(f"{trainer.checkpoints.directory} already holds checkpoints: pass --resume to continue "
                          "that run, or choose another output.dir")
     summary = trainer.run(stop_after_steps=args.stop_after_steps)

@@ -17,7 +17,9 @@ Every length-independent tensor is copied. The length-dependent ones are rebuilt
     Measured on a 128 -> 512 analogue (docs/pretraining.md), `tile` keeps the MLM loss much closer to the
     source model's, on short and on long samples, hence the default.
 The result is a `save_pretrained` directory (plus `warm_start.json` recording how it was made) that a
-pretraining config names in `model.init_from`.
+pretraining config names in `model.init_from`. It is written beside `--out` and renamed into place whole;
+`--out` may be new, empty or an earlier warm start (replaced), never the source model, a folder inside or
+around it, or any other non-empty folder (refused before anything is read).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from train.files import publish_folder, staging_folder
 
 logger = logging.getLogger("train.warm_start")
 
@@ -81,27 +85,54 @@ def warm_start(source, length: int, z_mode: str = "tile"):
     return target
 
 
+def check_output_folder(source: Path, out: Path) -> str | None:
+    """Why `--out` would destroy something the user did not hand over to be replaced (None when it would not):
+    the source model itself, a folder inside it or containing it, a file, or a non-empty folder that is not an
+    earlier warm start (one holding `warm_start.json` is replaced)."""
+    source, out = source.resolve(), out.resolve()
+    if out == source:
+        return f"--out {out} is the --from model itself"
+    if source in out.parents:
+        return f"--out {out} is inside the --from model {source}"
+    if out in source.parents:
+        return f"--out {out} contains the --from model {source}"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file"
+    if out.is_dir() and any(out.iterdir()) and not (out / "warm_start.json").is_file():
+        return f"--out {out} is a non-empty folder that is not an earlier warm start (no warm_start.json)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", required=True,
                         help="the shorter model: a save_pretrained directory (e.g. a pretraining run's final/)")
     parser.add_argument("--length", type=int, required=True, help="new maximum length, e.g. 32768")
-    parser.add_argument("--out", required=True, help="directory for the warm-started model")
+    parser.add_argument("--out", required=True,
+                        help="directory for the warm-started model: new, empty or an earlier warm start (replaced)")
     parser.add_argument("--z-mode", choices=Z_MODES, default="tile",
                         help="how the trained Hyena positional features carry over (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    problem = check_output_folder(Path(args.source), out)
+    if problem:
+        parser.error(f"{problem}; nothing was written. Choose a new --out")
 
     from model import M2BertForMaskedLM
 
     source = M2BertForMaskedLM.from_pretrained(args.source)
     model = warm_start(source, args.length, args.z_mode)
-    out = Path(args.out)
-    model.save_pretrained(out)
+    # Built beside --out and renamed into place: a killed warm start leaves no half-written model.
+    staging = staging_folder(out.resolve(), "warm-start")
+    model.save_pretrained(staging)
     record = {"source": str(Path(args.source).resolve()), "source_length": source.config.max_position_embeddings,
               "length": args.length, "z_mode": args.z_mode,
               "position_embeddings": "replicated", "t": "linspace(0, 1, length)"}
-    (out / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n")
+    (staging / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        logger.info("replacing the earlier warm start in %s", out)
+    publish_folder(staging, out.resolve())
     print(f"warm-started {source.config.max_position_embeddings} -> {args.length} positions "
           f"(z: {args.z_mode}; {model.num_parameters():,} parameters) written to {out}")
     return 0
