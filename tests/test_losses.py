@@ -179,6 +179,22 @@ def test_cached_mnrl_gives_plain_mnrls_loss_and_gradients_with_dropout_on(tiny_e
     assert max((other[name] - g).abs().max().item() for name, g in gradients.items()) > 1e-2
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_mnrl_replays_cuda_dropout(tiny_encoder, batch):
+    import copy
+
+    encoder = copy.deepcopy(tiny_encoder).cuda()
+    on_gpu = {key: {k: v.cuda() for k, v in value.items()} if key.endswith("features") else value.cuda()
+              for key, value in batch.items()}
+    loss, gradients = plain_mnrl_gradients(encoder, on_gpu, mini_batch_size=2, seed=7)
+    cached_loss, cached_gradients, _ = cached_mnrl_gradients(encoder, on_gpu, mini_batch_size=2, seed=7)
+    assert cached_loss == pytest.approx(loss, abs=1e-4)
+    assert_same_gradients(cached_gradients, gradients, relative_to_largest=True)
+    _, other = plain_mnrl_gradients(encoder, on_gpu, mini_batch_size=2, seed=8)
+    assert max((other[name] - g).abs().max().item() for name, g in gradients.items()) > 1e-2
+
+
 def test_cached_mnrl_without_the_random_state_replay_would_differ(tiny_encoder, batch, monkeypatch):
     # The control of the test above: if the second pass drew new dropout masks, its gradients would belong to
     # another network than the one the loss was computed with.

@@ -210,6 +210,11 @@ class RetrievalTask(Task):
                     "steps x %d per micro-step x %d processes); %d held-out queries", len(tasks), len(train_queries),
                     len(self.examples), len(self.units), config.loss.name, self.plan.total_steps, per_step,
                     self.plan.accumulation_steps, training.micro_batch_size, env.world_size, len(heldout_queries))
+        if config.loss.name == "cached_mnrl":
+            logger.info("cached MNRL: contrastive batches of %d triplets (%d per micro-step x %d processes, gathered), "
+                        "%d texts per forward pass, %d backward calls per micro-step",
+                        training.micro_batch_size * env.world_size, training.micro_batch_size, env.world_size,
+                        config.loss.mini_batch_size, self.backward_calls)
         self.encoder: TextEncoder | None = None
         self._epoch_order: tuple[int, list] | None = None
 
