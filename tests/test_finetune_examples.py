@@ -10,8 +10,10 @@ import pytest
 from eval.data import LocoTask, load_tasks
 from train.config import ConfigError, OptimizerConfig, load_config
 from train.optim import parameter_groups
-from train.retrieval_examples import (BatchPlan, NegativeSampler, RetrievalExample, build_examples, labelled_pairs,
-                                      shuffled, split_queries, triplets)
+from train.retrieval_examples import (BatchPlan, NegativeSampler, RetrievalExample, TaskTexts, bm25_rankings_path,
+                                      build_examples, labelled_pairs, mine_bm25_rankings, read_rankings, shuffled,
+                                      split_queries, triplets, write_rankings)
+from train.retrieval_objectives import CachedTripletObjective
 from train.retrieval_task import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +93,43 @@ def test_bm25_negatives_are_ranked_as_the_bm25_baseline_of_eval_loco():
     assert [pid for pid in ranking if pid != "answer"] == list(example.negative_pids)
 
 
+def test_bm25_rankings_are_kept_in_a_file_named_by_the_data_and_settings(tmp_path):
+    documents = {"answer": "the railway budget was approved", "close": "a railway budget for the line",
+                 "middle": "the kitchen budget", "far": "penguins swim in cold water"}
+    task = make_task("t", documents, {"q": ("railway budget", ["answer"]), "q2": ("penguins", ["far"])})
+    path = bm25_rankings_path(tmp_path, [task], count=2)
+    assert path.parent == tmp_path and path == bm25_rankings_path(tmp_path, [task], count=2)
+    edited = make_task("t", {**documents, "far": "penguins swim in warm water"},
+                       {"q": ("railway budget", ["answer"]), "q2": ("penguins", ["far"])})
+    assert len({path, bm25_rankings_path(tmp_path, [edited], count=2), bm25_rankings_path(tmp_path, [task], count=3)}) == 3
+    write_rankings(path, mine_bm25_rankings([task], count=2))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    rankings = read_rankings(path)
+    mined = build_examples([("t", "q")], NegativeSampler([task], count=2, kind="bm25"), [task])
+    assert build_examples([("t", "q")], NegativeSampler([task], 2, "bm25", rankings=rankings), [task]) == mined
+    # the sampler follows the file it is given (a resumed run reads, it does not mine again)
+    rankings["t"]["q"] = ["middle", "close"]
+    (example,) = build_examples([("t", "q")], NegativeSampler([task], 2, "bm25", rankings=rankings), [task])
+    assert example.negative_pids == ("middle", "close")
+    path.write_text('{"t": {"q": "close"}}')
+    with pytest.raises(ValueError, match=f"{path.name}: expected"):
+        read_rankings(path)
+
+
+def test_document_numbers_and_the_cached_objectives_units():
+    tasks = [make_task("a", {"x": "1", "y": "2"}, {"q": ("?", ["x"])}),
+             make_task("b", {"x": "3"}, {"q": ("?", ["x"])})]
+    texts = TaskTexts(tasks)
+    assert sorted(texts.document_number(t, pid) for t, pid in (("a", "x"), ("a", "y"), ("b", "x"))) == [0, 1, 2]
+    objective = CachedTripletObjective(scale=20.0, mini_batch_size=2)
+    with_negative = RetrievalExample("a", "q", "x", ("y",))
+    assert len(objective.units([with_negative])) == 1 and objective.backward_calls(5) == 9  # 3 + 3 + 3
+    lonely = RetrievalExample("b", "q", "x", ())
+    assert len(objective.units([lonely])) == 1 and objective.backward_calls(5) == 6  # in-batch negatives only
+    with pytest.raises(ValueError, match="cached_mnrl needs a negative for every example or for none"):
+        objective.units([with_negative, lonely])
+
+
 def test_pair_and_triplet_layouts():
     example = RetrievalExample("t", "q", "pos", ("n1", "n2", "n3"))
     pairs = labelled_pairs([example])
@@ -154,6 +193,8 @@ def test_shipped_configs_load_and_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"finetune_tiny_m2_qmsum.yaml: training\.batch_size was renamed "
                                           r"training\.global_batch_size"):
         load_config(FinetuneConfig, REPO / "configs" / "finetune_tiny_m2_qmsum.yaml", ["training.batch_size=8"])
+    with pytest.raises(ConfigError, match="mini_batch_size must be at least 1"):
+        load_config(FinetuneConfig, REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["loss.mini_batch_size=0"])
     with pytest.raises(ConfigError, match="loss name .triplet."):
         load_config(FinetuneConfig, REPO / "configs" / "finetune_minilm_qmsum_opl.yaml", ["loss.name=triplet"])
     with pytest.raises(ConfigError, match=r"negatives.per_query"):

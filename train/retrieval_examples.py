@@ -4,7 +4,8 @@ Following the authors' `gather_loco_training_examples` (reference §4.1): every 
 pair becomes one `RetrievalExample` with up to N negatives drawn without replacement from the same
 task's documents, excluding the query's relevant ones; random by default, BM25's top-ranked as an option.
 Draws are keyed by (seed, task, query, positive), so an example gets the same negatives whatever else is
-loaded, in any order.
+loaded, in any order. BM25 rankings are mined once per run and kept in a file named by a fingerprint of
+the data and settings (`bm25_rankings_path`), which the other processes and a resumed run read.
 
 The examples are then laid out as the units one micro-step consumes:
   * `LabelledPair` for the orthogonal projection loss: (q, pos, 1.0) and (q, neg, 0.0); as in the
@@ -16,9 +17,12 @@ and `BatchPlan` says which units each process takes at each micro-step of each o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from eval.bm25 import BM25Retriever
@@ -60,16 +64,22 @@ class Triplet:
 
 
 class TaskTexts:
-    """Query and document texts of the loaded tasks, looked up by (task, id)."""
+    """Query and document texts of the loaded tasks, looked up by (task, id), and a number for every document
+    (the same in every process), with which a contrastive loss recognises the same document twice in a batch."""
 
     def __init__(self, tasks: Iterable[LocoTask]):
         self.tasks = {task.name: task for task in tasks}
+        self._numbers = {key: number for number, key in enumerate(sorted(
+            (task.name, pid) for task in self.tasks.values() for pid in task.documents))}
 
     def query(self, task: str, qid: str) -> str:
         return self.tasks[task].queries[qid]
 
     def document(self, task: str, pid: str) -> str:
         return self.tasks[task].documents[pid]
+
+    def document_number(self, task: str, pid: str) -> int:
+        return self._numbers[task, pid]
 
 
 def split_queries(tasks: list[LocoTask], heldout: int, max_train: int | None, seed: int
@@ -85,12 +95,17 @@ def split_queries(tasks: list[LocoTask], heldout: int, max_train: int | None, se
     return (rest if max_train is None else rest[:max_train]), held
 
 
+Rankings = dict[str, dict[str, list[str]]]  # task -> query id -> document ids, best first
+
+
 class NegativeSampler:
     """Draws up to `count` negatives per (query, positive): random documents of the query's task, or
     BM25's top-ranked ones (only documents that share a term with the query rank); never one of the
-    query's relevant documents."""
+    query's relevant documents. BM25 ranks a task when first needed, unless `rankings` (of
+    `mine_bm25_rankings`, e.g. read from a run's file) are given."""
 
-    def __init__(self, tasks: list[LocoTask], count: int, kind: str = "random", seed: int = 0):
+    def __init__(self, tasks: list[LocoTask], count: int, kind: str = "random", seed: int = 0,
+                 rankings: Rankings | None = None):
         if kind not in NEGATIVE_KINDS:
             raise ValueError(f"negatives kind {kind!r}; expected one of {NEGATIVE_KINDS}")
         if count < 0:
@@ -99,7 +114,7 @@ class NegativeSampler:
         self.count = count
         self.kind = kind
         self.seed = seed
-        self._bm25 = {}
+        self._bm25 = dict(rankings or {})
 
     def __call__(self, task: str, qid: str, positive_pid: str) -> tuple[str, ...]:
         loco_task = self.tasks[task]
@@ -112,15 +127,56 @@ class NegativeSampler:
         return tuple(rng.sample(pool, min(self.count, len(pool))))
 
     def _bm25_ranking(self, task: str, qid: str) -> list[str]:
-        """The task's documents that share a term with the query, best first: the ranking of `eval.loco`'s
-        `bm25` baseline (same analyser, same scoring), deep enough to leave `count` irrelevant ones."""
         if task not in self._bm25:
-            loco_task = self.tasks[task]
-            depth = self.count + max(len(relevant) for relevant in loco_task.qrels.values())
-            self._bm25[task] = BM25Retriever(show_progress=False).retrieve(loco_task, depth)
-            logger.info("BM25 ranking of task %s: %d documents, %d queries", task, len(loco_task.documents),
-                        len(loco_task.queries))
-        return list(self._bm25[task].get(qid, {}))
+            self._bm25[task] = bm25_ranking(self.tasks[task], self.count)
+        return list(self._bm25[task].get(qid, ()))
+
+
+def bm25_ranking(task: LocoTask, count: int) -> dict[str, list[str]]:
+    """Every query's documents that share a term with it, best first: the ranking of `eval.loco`'s `bm25`
+    baseline (same analyser, same scoring), deep enough to leave `count` irrelevant ones."""
+    depth = count + max(len(relevant) for relevant in task.qrels.values())
+    run = BM25Retriever(show_progress=False).retrieve(task, depth)
+    logger.info("BM25 ranking of task %s: %d documents, %d queries", task.name, len(task.documents),
+                len(task.queries))
+    return {qid: list(documents) for qid, documents in run.items()}
+
+
+def mine_bm25_rankings(tasks: list[LocoTask], count: int) -> Rankings:
+    """`bm25_ranking` of every task."""
+    return {task.name: bm25_ranking(task, count) for task in tasks}
+
+
+def bm25_rankings_path(directory: Path, tasks: list[LocoTask], count: int) -> Path:
+    """Where a run keeps its BM25 rankings: a file named by a fingerprint of everything they depend on (each
+    task's documents, queries and relevance judgements, the depth and BM25's settings), so that a run on
+    other data or settings never reads them."""
+    digest = hashlib.sha256(json.dumps({"count": count, "bm25": BM25Retriever().describe()}, sort_keys=True).encode())
+    for task in sorted(tasks, key=lambda t: t.name):
+        for part in (task.name, sorted(task.documents.items()), sorted(task.queries.items()),
+                     sorted((qid, sorted(relevant)) for qid, relevant in task.qrels.items())):
+            digest.update(json.dumps(part).encode() + b"\0")
+    return Path(directory) / f"bm25-rankings-{digest.hexdigest()[:16]}.json"
+
+
+def write_rankings(path: Path, rankings: Rankings) -> None:
+    """Write `rankings` to `path` whole or not at all (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(rankings))
+    os.replace(temporary, path)
+
+
+def read_rankings(path: Path) -> Rankings:
+    try:
+        rankings = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the BM25 rankings ({err})") from err
+    if not (isinstance(rankings, dict) and all(isinstance(by_query, dict) and all(
+            isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in by_query.values())
+            for by_query in rankings.values())):
+        raise ValueError(f"{path}: expected {{task: {{query id: [document ids]}}}}")
+    return rankings
 
 
 def build_examples(queries: list[tuple[str, str]], sampler: NegativeSampler,

@@ -2,8 +2,9 @@
 
 An objective lays the training examples out as its units (`train.retrieval_examples`) and, for one
 micro-batch of them, embeds the texts through the model being trained (`Embedder`), applies its loss
-(`train.losses`) and turns the loss into gradients with the `backward` the trainer provides. It returns
-the loss and the cosines it scored, for the logs.
+(`train.losses`) and turns the loss into gradients with the `backward` the trainer provides, as many
+times per micro-step as its `backward_calls` says (once, or once per mini-batch for the cached loss,
+which runs the model itself). It returns the loss and the cosines it scored, for the logs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from model.encoders import TextEncoder
-from train.losses import MultipleNegativesRankingLoss, OrthogonalProjectionLoss
+from train.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss, OrthogonalProjectionLoss
 from train.retrieval_examples import LabelledPair, RetrievalExample, TaskTexts, Triplet, labelled_pairs, triplets
 from train.trainer import Backward
 
@@ -41,15 +42,22 @@ class Embedder:
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
 
-    def _embed(self, texts: list[str], max_length: int | None) -> torch.Tensor:
+    def _features(self, texts: list[str], max_length: int | None) -> dict:
         features = self.encoder.tokenize(texts, max_length)
-        return self.model({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in features.items()})
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in features.items()}
+
+    def query_features(self, texts: list[str]) -> dict:
+        """The queries tokenized, on the device."""
+        return self._features(texts, self.query_max_length)
+
+    def document_features(self, texts: list[str]) -> dict:
+        return self._features(texts, self.document_max_length)
 
     def queries(self, texts: list[str]) -> torch.Tensor:
-        return self._embed(texts, self.query_max_length)  # (B, D)
+        return self.model(self.query_features(texts))  # (B, D)
 
     def documents(self, texts: list[str]) -> torch.Tensor:
-        return self._embed(texts, self.document_max_length)  # (B, D)
+        return self.model(self.document_features(texts))  # (B, D)
 
 
 class PairObjective:
@@ -61,6 +69,9 @@ class PairObjective:
 
     def units(self, examples: list[RetrievalExample]) -> list[LabelledPair]:
         return labelled_pairs(examples, self.repeat_positive)
+
+    def backward_calls(self, micro_batch_size: int) -> int:
+        return 1
 
     def micro_step(self, embed: Embedder, batch: list[LabelledPair], texts: TaskTexts,
                    backward: Backward) -> MicroStepOutput:
@@ -75,13 +86,17 @@ class PairObjective:
 
 class TripletObjective:
     """MNRL on `Triplet` units: a micro-step embeds its queries and all its documents (positives, then
-    negatives) at once, as the loss needs every candidate of the micro-batch."""
+    negatives) at once, as the loss needs every candidate of the micro-batch. A document that is a query's
+    own positive is never scored as its negative (document numbers: `TaskTexts.document_number`)."""
 
     def __init__(self, scale: float):
         self.loss_fn = MultipleNegativesRankingLoss(scale)
 
     def units(self, examples: list[RetrievalExample]) -> list[Triplet]:
         return triplets(examples)
+
+    def backward_calls(self, micro_batch_size: int) -> int:
+        return 1
 
     def micro_step(self, embed: Embedder, batch: list[Triplet], texts: TaskTexts,
                    backward: Backward) -> MicroStepOutput:
@@ -90,9 +105,68 @@ class TripletObjective:
         documents = embed.documents([texts.document(t.task, t.positive_pid) for t in batch]
                                     + [texts.document(batch[i].task, batch[i].negative_pid) for i in with_negative])
         positives, negatives = documents[:len(batch)], documents[len(batch):]
-        loss = self.loss_fn(queries, positives, negatives if with_negative else None)
+        positive_ids, negative_ids = document_numbers(batch, texts, with_negative)
+        loss = self.loss_fn(queries, positives, negatives if with_negative else None, positive_ids,
+                            negative_ids if with_negative else None)
         backward(loss)
-        q = queries.detach().float()
-        positive_cosines = F.cosine_similarity(q, positives.detach().float(), dim=-1)
-        negative_cosines = F.cosine_similarity(q[with_negative], negatives.detach().float(), dim=-1)
-        return MicroStepOutput(loss.detach(), positive_cosines, negative_cosines)
+        return triplet_output(loss, queries, positives, negatives, with_negative)
+
+
+class CachedTripletObjective:
+    """Cached MNRL on `Triplet` units (`CachedMultipleNegativesRankingLoss`): the micro-batch is the contrastive
+    batch, gathered over the processes, and the model runs on `mini_batch_size` texts at a time, so memory
+    does not grow with the batch. Every unit must have a negative, or none: the number of mini-batches, and
+    so of `backward` calls, is then the same at every micro-step."""
+
+    def __init__(self, scale: float, mini_batch_size: int):
+        self.scale = scale
+        self.mini_batch_size = mini_batch_size
+        self.with_negatives = True
+
+    def units(self, examples: list[RetrievalExample]) -> list[Triplet]:
+        units = triplets(examples)
+        lonely = sum(t.negative_pid is None for t in units)
+        if 0 < lonely < len(units):
+            raise ValueError(f"cached_mnrl needs a negative for every example or for none (negatives.per_positive: "
+                             f"0), but {lonely} of {len(units)} examples have none: their task has no document "
+                             "besides the query's relevant ones")
+        self.with_negatives = lonely == 0
+        return units
+
+    def backward_calls(self, micro_batch_size: int) -> int:
+        negatives = micro_batch_size if self.with_negatives else 0
+        return CachedMultipleNegativesRankingLoss.backward_calls(micro_batch_size, negatives, self.mini_batch_size)
+
+    def micro_step(self, embed: Embedder, batch: list[Triplet], texts: TaskTexts,
+                   backward: Backward) -> MicroStepOutput:
+        with_negative = list(range(len(batch))) if self.with_negatives else []
+        slices = [batch[i:i + self.mini_batch_size] for i in range(0, len(batch), self.mini_batch_size)]
+        # Tokenized a mini-batch at a time: the tokenizer reads a long document whole before truncating it.
+        queries = [embed.query_features([texts.query(t.task, t.qid) for t in s]) for s in slices]
+        positives = [embed.document_features([texts.document(t.task, t.positive_pid) for t in s]) for s in slices]
+        negatives = ([embed.document_features([texts.document(t.task, t.negative_pid) for t in s]) for s in slices]
+                     if self.with_negatives else None)
+        positive_ids, negative_ids = document_numbers(batch, texts, with_negative)
+        loss_fn = CachedMultipleNegativesRankingLoss(embed.model, self.mini_batch_size, self.scale)
+        output = loss_fn(queries, positives, negatives, positive_ids, negative_ids if self.with_negatives else None,
+                         backward=backward)
+        return triplet_output(output.loss, output.query_embeddings, output.positive_embeddings,
+                              output.negative_embeddings, with_negative)
+
+
+def document_numbers(batch: list[Triplet], texts: TaskTexts, with_negative: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) numbers of the positives and (M,) of the negatives of the units `with_negative`."""
+    positives = torch.tensor([texts.document_number(t.task, t.positive_pid) for t in batch])
+    negatives = torch.tensor([texts.document_number(batch[i].task, batch[i].negative_pid) for i in with_negative],
+                             dtype=torch.long)
+    return positives, negatives
+
+
+def triplet_output(loss: torch.Tensor, queries: torch.Tensor, positives: torch.Tensor,
+                   negatives: torch.Tensor | None, with_negative: list[int]) -> MicroStepOutput:
+    q = queries.detach().float()
+    positive_cosines = F.cosine_similarity(q, positives.detach().float(), dim=-1)
+    negative_cosines = (F.cosine_similarity(q[with_negative], negatives.detach().float(), dim=-1)
+                        if with_negative else q.new_zeros(0))
+    return MicroStepOutput(loss.detach(), positive_cosines, negative_cosines)

@@ -1,11 +1,14 @@
-"""The retrieval fine-tuning task: a text encoder trained with the orthogonal projection loss (or MNRL).
+"""The retrieval fine-tuning task: a text encoder trained with the orthogonal projection loss, MNRL or cached MNRL.
 
 Its config adds `model` (any `model.encoders` encoder), `data` (LoCo-format tasks), `negatives` and `loss`
 to the shared sections. Each (query, relevant document) pair of the training split gets N negatives from
-its own task (`train.retrieval_examples`); the objective lays the examples out as units (OPL pairs or MNRL
-triplets, `train.retrieval_objectives`), which `BatchPlan` deals out to the processes and micro-steps of
-each optimizer step. With OPL one micro-step embeds one query and one document and gradient accumulation
-makes the batch, so memory does not grow with the number of negatives (docs/finetuning.md). The
+its own task (`train.retrieval_examples`; BM25's are mined once per run into `<output.dir>/negatives`);
+the objective lays the examples out as units (OPL pairs or MNRL triplets, `train.retrieval_objectives`),
+which `BatchPlan` deals out to the processes and micro-steps of each optimizer step. With OPL one
+micro-step embeds one query and one document and gradient accumulation makes the batch, so memory does
+not grow with the number of negatives (docs/finetuning.md). With cached MNRL a micro-step's triplets,
+gathered over the processes, are one contrastive batch, embedded `loss.mini_batch_size` texts at a time
+with one `backward` call per mini-batch, so memory does not grow with the batch either. The
 evaluation is the cosine margin, accuracy and OPL loss on held-out queries, before and during training.
 The export is the encoder's own format (`TextEncoder.save`): for M2 a checkpoint that `model.M2BertModel`,
 `model.encoders.load_encoder` and sentence-transformers load; otherwise a sentence-transformers folder.
@@ -20,18 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eval.data import load_tasks
+from eval.data import LocoTask, load_tasks
 from model.encoders import MINILM_ALIASES, TextEncoder, check_runs_no_code, is_m2_directory, load_encoder
 from train.config import RunConfig
-from train.distributed import LaunchEnvironment
-from train.retrieval_examples import (NEGATIVE_KINDS, BatchPlan, NegativeSampler, RetrievalExample, TaskTexts,
-                                      build_examples, fingerprint, shuffled, split_queries)
-from train.retrieval_objectives import Embedder, PairObjective, TripletObjective
+from train.distributed import LaunchEnvironment, barrier
+from train.retrieval_examples import (NEGATIVE_KINDS, BatchPlan, NegativeSampler, Rankings, RetrievalExample,
+                                      TaskTexts, bm25_rankings_path, build_examples, fingerprint, mine_bm25_rankings,
+                                      read_rankings, shuffled, split_queries, write_rankings)
+from train.retrieval_objectives import CachedTripletObjective, Embedder, PairObjective, TripletObjective
 from train.trainer import Backward, Task
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("opl", "mnrl")
+LOSSES = ("opl", "mnrl", "cached_mnrl")
 
 
 @dataclass
@@ -39,7 +43,8 @@ class ModelSection:
     """The encoder to fine-tune: an M2-BERT directory (pretraining export or the authors' checkpoint), a
     sentence-transformers or Hugging Face directory, or `all-MiniLM-L6-v2` (`model.encoders.load_encoder`).
     A folder that would run code of its own (a module it names, Python files it ships) is refused unless
-    `trust_remote_code`."""
+    `trust_remote_code`. A sentence-transformers encoder reads up to the longer of `data.query_max_length` and
+    `data.document_max_length` when they are set (its `max_seq_length`, also in the export)."""
 
     name_or_path: str
     overrides: dict = field(default_factory=dict)  # M2 config overrides, e.g. {padding_mode: masked}
@@ -87,13 +92,19 @@ class NegativesSection:
 
 @dataclass
 class LossSection:
+    """`opl` (pairs), `mnrl` (triplets; the micro-batch is the contrastive batch) or `cached_mnrl` (the same
+    loss over each micro-batch, gathered over the processes, in the memory of `mini_batch_size` texts)."""
+
     name: str = "opl"
     repeat_positive: bool = True  # OPL: one positive pair per negative pair, as the authors' data (1:1)
-    scale: float = 20.0  # MNRL: cosine scale (inverse temperature)
+    scale: float = 20.0  # MNRL, cached MNRL: cosine scale (inverse temperature)
+    mini_batch_size: int = 8  # cached MNRL: texts per forward pass
 
     def __post_init__(self):
         if self.name not in LOSSES:
             raise ValueError(f"loss name {self.name!r}; expected one of {LOSSES}")
+        if self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be at least 1, got {self.mini_batch_size}")
 
 
 @dataclass(kw_only=True)
@@ -115,8 +126,12 @@ class FinetuneConfig(RunConfig):
     loss: LossSection = field(default_factory=LossSection)
 
 
-def make_objective(section: LossSection) -> PairObjective | TripletObjective:
-    return PairObjective(section.repeat_positive) if section.name == "opl" else TripletObjective(section.scale)
+def make_objective(section: LossSection) -> PairObjective | TripletObjective | CachedTripletObjective:
+    if section.name == "opl":
+        return PairObjective(section.repeat_positive)
+    if section.name == "mnrl":
+        return TripletObjective(section.scale)
+    return CachedTripletObjective(section.scale, section.mini_batch_size)
 
 
 def check_encoder_source(section: ModelSection) -> None:
@@ -136,9 +151,12 @@ def check_encoder_source(section: ModelSection) -> None:
                                   "true)") from None
 
 
-def build_encoder(section: ModelSection) -> TextEncoder:
+def build_encoder(section: ModelSection, data: DataSection) -> TextEncoder:
     """The encoder on CPU, in training mode (an M2 pretraining export gets a fresh pooler: seed first)."""
-    encoder = load_encoder(section.name_or_path, trust_remote_code=section.trust_remote_code, **section.overrides)
+    lengths = [n for n in (data.query_max_length, data.document_max_length) if n is not None]
+    # sentence-transformers truncates at its max_seq_length (256 for all-MiniLM-L6-v2) whatever it is asked for
+    encoder = load_encoder(section.name_or_path, max_length=max(lengths, default=None),
+                           trust_remote_code=section.trust_remote_code, **section.overrides)
     if section.activation_checkpointing:
         encoder.gradient_checkpointing_enable()
     return encoder.train()
@@ -198,13 +216,15 @@ class RetrievalTask(Task):
                  for task in load_tasks(data.path, data.tasks, split=data.split)]
         self.texts = TaskTexts(tasks)
         train_queries, heldout_queries = split_queries(tasks, data.heldout_queries, data.max_queries, negatives.seed)
+        rankings = self.bm25_rankings(tasks) if negatives.kind == "bm25" else None
         self.examples = build_examples(train_queries, NegativeSampler(tasks, negatives.per_positive, negatives.kind,
-                                                                      negatives.seed), tasks)
+                                                                      negatives.seed, rankings), tasks)
         heldout = build_examples(heldout_queries, NegativeSampler(tasks, negatives.heldout_per_query, "random",
                                                                   negatives.seed), tasks)
         self.heldout = [e for e in heldout if e.negative_pids]  # a margin needs negatives
         self.objective = make_objective(config.loss)
         self.units = self.objective.units(self.examples)
+        self.backward_calls = self.objective.backward_calls(training.micro_batch_size)
         self.units_fingerprint = fingerprint(self.units)
         per_step = training.micro_batch_size * env.world_size * training.accumulation_steps(env.world_size)
         self.plan = BatchPlan(len(self.units), per_step, training.micro_batch_size, env.world_size,
@@ -214,11 +234,29 @@ class RetrievalTask(Task):
                     "steps x %d per micro-step x %d processes); %d held-out queries", len(tasks), len(train_queries),
                     len(self.examples), len(self.units), config.loss.name, self.plan.total_steps, per_step,
                     self.plan.accumulation_steps, training.micro_batch_size, env.world_size, len(heldout_queries))
+        if config.loss.name == "cached_mnrl":
+            logger.info("cached MNRL: contrastive batches of %d triplets (%d per micro-step x %d processes, gathered), "
+                        "%d texts per forward pass, %d backward calls per micro-step",
+                        training.micro_batch_size * env.world_size, training.micro_batch_size, env.world_size,
+                        config.loss.mini_batch_size, self.backward_calls)
         self.encoder: TextEncoder | None = None
         self._epoch_order: tuple[int, list] | None = None
 
+    def bm25_rankings(self, tasks: list[LocoTask]) -> Rankings:
+        """Collective: the BM25 rankings for the negatives, mined by the main process into the run's folder unless
+        an earlier start of the run already did (same data and settings); every process then reads that file."""
+        path = bm25_rankings_path(Path(self.config.output.dir) / "negatives", tasks, self.config.negatives.per_positive)
+        if self.env.is_main:
+            if path.is_file():
+                logger.info("BM25 negatives: reading the rankings mined earlier, %s", path)
+            else:
+                write_rankings(path, mine_bm25_rankings(tasks, self.config.negatives.per_positive))
+                logger.info("BM25 negatives: rankings mined and written to %s", path)
+        barrier()
+        return read_rankings(path)
+
     def build_model(self) -> TextEncoder:
-        self.encoder = build_encoder(self.config.model)
+        self.encoder = build_encoder(self.config.model, self.config.data)
         return self.encoder
 
     def epoch_order(self, epoch: int) -> list:
@@ -263,11 +301,12 @@ class RetrievalTask(Task):
                                  "resume with the config (data, negatives, loss, batch size) it was written with")
 
     def fresh_model(self) -> TextEncoder:
-        return build_encoder(self.config.model)
+        return build_encoder(self.config.model, self.config.data)
 
     def save_model(self, model: TextEncoder, directory: Path) -> None:
         model.save(directory)
 
     def summary(self) -> dict:
         return {"loss": self.config.loss.name, "examples": len(self.examples), "units": len(self.units),
-                "heldout_examples": len(self.heldout), "negatives_per_positive": self.config.negatives.per_positive}
+                "heldout_examples": len(self.heldout), "negatives_per_positive": self.config.negatives.per_positive,
+                "negatives_kind": self.config.negatives.kind, "backward_calls_per_micro_step": self.backward_calls}

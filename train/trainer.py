@@ -117,6 +117,10 @@ class IntervalSums:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation, a checkpoint) out of the interval's duration."""
+        self.started += seconds
+
     def reduce(self) -> tuple[dict[str, float], float]:
         """Collective: the interval's sums over all ranks and its seconds; starts the next interval."""
         total = all_reduce(torch.tensor(list(self.sums.values()), dtype=torch.float64)).tolist()
@@ -243,10 +247,12 @@ class Trainer:
             bar.update(1)
             if self.step % training.log_every == 0 or self.step == last_step:
                 last_train = self.log_train(interval, metrics_log, bar)
+            paused = time.perf_counter()  # the intervals' seconds (throughput) count training only
             if self.step % training.eval_every == 0 or self.step == self.total_steps:
                 last_eval = self.evaluate(metrics_log) or last_eval
             if self.step % training.checkpoint_every == 0 or self.step == last_step:
                 self.save_checkpoint()
+            interval.exclude(time.perf_counter() - paused)
         bar.close()
         peak = int(all_reduce(torch.tensor([peak_memory_bytes(self.device)]), dist.ReduceOp.MAX).item())
         metrics_log.close()
