@@ -75,14 +75,20 @@ TINY_TRIPLETS = ("training.global_batch_size=32",)  # the 32 queries of the OPL 
 SUITES = {suite.name: suite for suite in (
     Suite("minilm", "all-MiniLM-L6-v2 on QMSum, 512-token documents", (
         Variant("opl-1", "OPL, batch 1", "finetune_minilm_qmsum_opl.yaml"),
+        Variant("opl-1-bm25", "OPL, batch 1, BM25 negatives", "finetune_minilm_qmsum_opl.yaml", ("negatives.kind=bm25",)),
         Variant("mnrl-2", "MNRL, batch 2", "finetune_minilm_qmsum_mnrl.yaml"),
+        Variant("mnrl-2-bm25", "MNRL, batch 2, BM25 negatives", "finetune_minilm_qmsum_mnrl.yaml",
+                ("negatives.kind=bm25",)),
         Variant("cached-32", "cached MNRL, batch 32", "finetune_minilm_qmsum_cached_mnrl.yaml"),
         Variant("cached-32-bm25", "cached MNRL, batch 32, BM25 negatives", "finetune_minilm_qmsum_cached_mnrl.yaml",
                 ("negatives.kind=bm25",)),
     ), test_split=True),
     Suite("tiny-m2", "tiny M2-BERT (random init) on 16 QMSum meetings, 32-token texts", (
         Variant("opl-1", "OPL, batch 1", TINY),  # 16 pairs per forward pass: the same loss and gradients as 1
+        Variant("opl-1-bm25", "OPL, batch 1, BM25 negatives", TINY, ("negatives.kind=bm25",)),
         Variant("mnrl-2", "MNRL, batch 2", TINY, ("loss.name=mnrl", "training.micro_batch_size=2", *TINY_TRIPLETS)),
+        Variant("mnrl-2-bm25", "MNRL, batch 2, BM25 negatives", TINY, (
+            "loss.name=mnrl", "training.micro_batch_size=2", *TINY_TRIPLETS, "negatives.kind=bm25")),
         Variant("cached-32", "cached MNRL, batch 32", TINY, (
             "loss.name=cached_mnrl", "loss.mini_batch_size=8", "training.micro_batch_size=32", *TINY_TRIPLETS)),
         Variant("cached-32-bm25", "cached MNRL, batch 32, BM25 negatives", TINY, (

@@ -415,15 +415,16 @@ class M2BertModel(M2BertPreTrainedModel):
         fft_size = 2 * length if self.config.padding_mode == "reference" else fast_fft_size(2 * length)
         weights = self.embeddings.word_embeddings.weight
         # The CPU path takes float32 weights (its bf16 GEMMs come from `precision`); a model cast to another
-        # dtype runs the reference.
-        cpu_inference = weights.dtype == torch.float32 and kernels.uses_cpu_path(self.config.kernel_implementation,
-                                                                                 weights)
+        # dtype runs the reference. So does a model in training mode, even without gradients: a no-grad pass
+        # there (gradient caching's first pass) must give the numbers its later pass with gradients gives.
+        cpu_inference = (not self.training and weights.dtype == torch.float32
+                         and kernels.uses_cpu_path(self.config.kernel_implementation, weights))
         cpu_ops.check_precision(precision)
         if precision == "int8" and input_ids.device.type != "cpu":
             raise ValueError(f"precision 'int8' runs on CPU only (the input is on {input_ids.device})")
         if precision != "fp32" and input_ids.device.type == "cpu" and not cpu_inference:
             raise ValueError(f"precision {precision!r} runs on the CPU inference path, which this forward pass "
-                             "does not take: it needs torch.no_grad() and kernel_implementation auto or cpu")
+                             "does not take: it needs eval mode, torch.no_grad() and kernel_implementation auto or cpu")
         return ForwardPlan(length=length, fft_size=fft_size, keep=keep,
                            kernel_implementation=self.config.kernel_implementation, cpu_inference=cpu_inference,
                            precision=precision)
