@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import LocoDataError, load_tasks
+from .data import LocoDataError, load_tasks, read_json_lines
 from .longembed import write_longembed_folder
 
 KINDS = ("needle", "passkey")
@@ -111,19 +111,11 @@ def passkey_haystack(tokens: int, tokenizer) -> list[str]:
 def read_needles(path: Path) -> list[Needle]:
     """Needles from JSON lines `{"needle": ..., "query": ...}` (e.g. Natural Questions answers)."""
     needles = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LocoDataError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip()
-                                                       for k in ("needle", "query")):
-                raise LocoDataError(f"{path}, line {number}: expected an object with non-empty strings "
-                                    f"`needle` and `query`")
-            needles.append(Needle(record["needle"].strip(), record["query"].strip()))
+    for number, record in read_json_lines(path):
+        if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("needle", "query")):
+            raise LocoDataError(f"{path}, line {number}: expected an object with non-empty strings "
+                                f"`needle` and `query`")
+        needles.append(Needle(record["needle"].strip(), record["query"].strip()))
     return needles
 
 
