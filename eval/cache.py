@@ -71,12 +71,12 @@ PACKAGE = "m2-loco"
 
 def embedding_code_roots() -> list[Path]:
     """What computes an embedding here: the `model` package (encoders, M2-BERT, its tokenizer), the CUDA
-    kernels of `csrc/` where the checkout has them, and eval's encoder-input code (`dense`, `token_inputs`)."""
+    kernels of `csrc/` where the checkout has them, and eval's encoder-input code (`dense`)."""
     import model
     from model.kernels import CSRC
 
     here = Path(__file__).resolve().parent
-    roots = [Path(model.__file__).resolve().parent, here / "dense.py", here / "token_inputs.py"]
+    roots = [Path(model.__file__).resolve().parent, here / "dense.py"]
     return roots + ([CSRC] if CSRC.is_dir() else [])
 
 

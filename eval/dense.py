@@ -13,7 +13,6 @@ from .metrics import Run
 from .protocols import CHUNK_MEAN, EncoderInput, Protocol
 from .search import DocumentVectors, exact_search, faiss_search
 from .sharding import Shard
-from .token_inputs import encode_token_ids
 
 SEARCHES = ("exact", "faiss")
 PREVIEW_CHARACTERS = 60
@@ -146,7 +145,7 @@ class DenseRetriever:
         """Texts through the encoder (it tokenizes and truncates); token-id chunks as they are."""
         if all(isinstance(item, str) for item in inputs):
             return self.encoder.encode(inputs, batch_size=self.batch_size, max_length=self.protocol.max_length)
-        return encode_token_ids(self.encoder, inputs, batch_size=self.batch_size)
+        return self.encoder.encode_token_ids(inputs, batch_size=self.batch_size)
 
 
 def _part_names(ids: list[str], inputs: list[list[EncoderInput]]) -> list[str]:

@@ -1,7 +1,8 @@
 """Batched, gradient-free embedding of many texts: the loop behind every `encode()` of the package.
 
-`M2BertModel.encode` and every `model.encoders.TextEncoder.encode` run the same loop: inputs checked before
-any work (a list of strings); texts sorted longest first (by characters) and cut into batches of similar
+`M2BertModel.encode` and every `model.encoders.TextEncoder.encode` (and `encode_token_ids`, for texts already
+cut into token-id spans) run the same loop: inputs checked before any work (a list of strings, or of token-id
+sequences); inputs sorted longest first (texts by characters, spans by tokens) and cut into batches of similar
 lengths, so that a masked-mode batch is padded little and memory peaks at the start; the module in eval mode
 without gradients (restored afterwards); a progress bar with documents/s and tokens/s and a closing summary
 in the log; embeddings returned in input order, identical to embedding each text alone (masked mode).
@@ -53,6 +54,29 @@ def check_texts(texts) -> list[str]:
     return texts
 
 
+def check_token_ids(chunks) -> list[tuple[int, ...]]:
+    """`chunks` as a list of token-id tuples, or a TypeError naming the first entry that is not a sequence of
+    ints."""
+    checked = []
+    for index, chunk in enumerate(chunks):
+        if isinstance(chunk, (str, bytes)) or not all(isinstance(i, (int, np.integer)) for i in chunk):
+            raise TypeError(f"encode_token_ids(): chunks[{index}] is not a sequence of token ids")
+        checked.append(tuple(int(i) for i in chunk))
+    return checked
+
+
+def pad_rows(rows: list[list[int]], width: int, pad_token_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` (B, width) holding each row of token ids, padded on the right (or the
+    left) with `pad_token_id`."""
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, W)
+    attention_mask = torch.zeros_like(input_ids)  # (B, W)
+    for row, ids in enumerate(rows):
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def check_encode_precision(precision: str | None) -> str | None:
     """`precision` if encode() offers it (None: the device's default), else a ValueError saying why not."""
     if precision in NOT_OFFERED:
@@ -70,14 +94,14 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
 
 
 @torch.no_grad()
-def encode_in_batches(module: torch.nn.Module, tokenize: Callable[[list[str]], dict],
-                      forward: Callable[[dict, str], torch.Tensor], texts: list[str], batch_size: int, width: int,
+def encode_in_batches(module: torch.nn.Module, tokenize: Callable[[list], dict],
+                      forward: Callable[[dict, str], torch.Tensor], texts: list, batch_size: int, width: int,
                       show_progress_bar: bool = False, description: str = "encode",
                       precision: str | None = None) -> np.ndarray:
-    """(N, width) float32 embeddings of `texts` in input order: `tokenize(batch)` gives a batch's features
-    (with an `attention_mask`, which counts its tokens) and `forward(features, precision)` its (B, width)
-    embeddings; `module` is what they run (put in eval mode for the loop)."""
-    texts = check_texts(texts)
+    """(N, width) float32 embeddings of `texts` in input order (strings or token-id tuples, as `check_texts` or
+    `check_token_ids` returns them): `tokenize(batch)` gives a batch's features (with an `attention_mask`,
+    which counts its tokens) and `forward(features, precision)` its (B, width) embeddings; `module` is what
+    they run (put in eval mode for the loop)."""
     if batch_size < 1:
         raise ValueError(f"encode(): batch_size must be at least 1, got {batch_size}")
     device = next(module.parameters()).device

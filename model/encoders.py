@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import cpu_ops
-from .batching import check_encode_precision, encode_in_batches
+from .batching import check_encode_precision, check_texts, check_token_ids, encode_in_batches, pad_rows
 from .modeling_m2_bert import M2BertModel
 from .tokenizer import load_tokenizer
 
@@ -65,6 +65,12 @@ class TextEncoder(nn.Module):
         """Model inputs for a batch of texts, truncated to `max_length` (default: the model's)."""
         raise NotImplementedError
 
+    def tokenize_ids(self, chunks: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Model inputs for texts already cut into token ids (without special tokens, e.g. a document's
+        chunks): the tokenizer's special tokens added, padded as `tokenize` pads. A span longer than the
+        model reads is a ValueError."""
+        raise NotImplementedError
+
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) embeddings of a tokenized batch, differentiable."""
         raise NotImplementedError
@@ -94,8 +100,16 @@ class TextEncoder(nn.Module):
                show_progress_bar: bool = False, precision: str | None = None) -> np.ndarray:
         """(N, D) float32 embeddings in input order (see `model.batching.encode_in_batches`)."""
         return encode_in_batches(self, lambda batch: self.tokenize(batch, max_length), self.inference_forward,
-                                 texts, batch_size, self.embedding_dim, show_progress_bar,
+                                 check_texts(texts), batch_size, self.embedding_dim, show_progress_bar,
                                  description=f"encode {self.name}", precision=precision or self.precision)
+
+    def encode_token_ids(self, chunks: list[tuple[int, ...]], batch_size: int = 16, show_progress_bar: bool = False,
+                         precision: str | None = None) -> np.ndarray:
+        """`encode` for texts already cut into token ids (`tokenize_ids`): (N, D) float32 embeddings in input
+        order, the same loop, batches and precision as `encode`."""
+        return encode_in_batches(self, self.tokenize_ids, self.inference_forward, check_token_ids(chunks),
+                                 batch_size, self.embedding_dim, show_progress_bar,
+                                 description=f"encode {self.name} (token ids)", precision=precision or self.precision)
 
 
 class M2Encoder(TextEncoder):
@@ -125,6 +139,9 @@ class M2Encoder(TextEncoder):
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         return self.model.tokenize(texts, max_length)
+
+    def tokenize_ids(self, chunks: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        return self.model.tokenize_ids(chunks)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(features["input_ids"], features["attention_mask"]).pooler_output
@@ -190,6 +207,16 @@ class SentenceTransformerEncoder(TextEncoder):
             return preprocess(list(texts))
         finally:
             self.model.max_seq_length = saved
+
+    def tokenize_ids(self, chunks: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        tokenizer = self.tokenizer
+        rows = [tokenizer.build_inputs_with_special_tokens(list(ids)) for ids in chunks]
+        longest = max(len(row) for row in rows)
+        if longest > self.max_length:
+            raise ValueError(f"a chunk of {longest} tokens (special tokens included) is longer than the "
+                             f"{self.max_length} tokens {self.name} reads")
+        return pad_rows(rows, longest, tokenizer.pad_token_id or 0,
+                        left=getattr(tokenizer, "padding_side", "right") == "left")
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(dict(features))["sentence_embedding"]

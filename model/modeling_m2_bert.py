@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOu
 
 from . import cpu_ops, kernels  # fused CUDA paths when built and usable, the CPU inference path, the reference
 from . import loading
-from .batching import encode_in_batches, padded_length
+from .batching import check_texts, encode_in_batches, pad_rows, padded_length
 from .configuration_m2_bert import M2BertConfig
 from .ops import block_diagonal_linear, fast_fft_size, fft_long_conv
 from .tokenizer import load_tokenizer
@@ -468,12 +468,20 @@ class M2BertModel(M2BertPreTrainedModel):
             ids = tokenizer(list(texts), truncation=True, max_length=max_length,
                             return_attention_mask=False)["input_ids"]
             width = padded_length(max(len(x) for x in ids), model_length)
-        input_ids = torch.zeros((len(ids), width), dtype=torch.long)  # (B, W), [PAD] = 0
-        attention_mask = torch.zeros_like(input_ids)  # (B, W)
-        for row, tokens in enumerate(ids):
-            input_ids[row, :len(tokens)] = torch.tensor(tokens)
-            attention_mask[row, :len(tokens)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_rows(ids, width, pad_token_id=0)  # (B, W) each, [PAD] = 0
+
+    def tokenize_ids(self, chunks: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """`tokenize` for texts already cut into token ids (without special tokens, e.g. a document's chunks):
+        [CLS] and [SEP] added, padded as `padding_mode` needs. A span too long for the model is a ValueError:
+        cutting it is the chunker's job."""
+        model_length = self.config.max_position_embeddings
+        rows = [load_tokenizer().build_inputs_with_special_tokens(list(ids)) for ids in chunks]
+        longest = max(len(row) for row in rows)
+        if longest > model_length:
+            raise ValueError(f"a chunk of {longest} tokens (special tokens included) is longer than the "
+                             f"{model_length} tokens this model reads")
+        width = model_length if self.config.padding_mode == "reference" else padded_length(longest, model_length)
+        return pad_rows(rows, width, pad_token_id=0)
 
     def embed(self, texts: list[str], max_length: int | None = None) -> torch.Tensor:
         """(B, H) pooler outputs of texts, differentiable: tokenize + forward on the model's device."""
@@ -486,7 +494,7 @@ class M2BertModel(M2BertPreTrainedModel):
         `bf16` (default: bf16 on CUDA, fp32 on CPU). See `model.batching.encode_in_batches`."""
         return encode_in_batches(self, lambda batch: self.tokenize(batch, max_length),
                                  lambda features, precision: self(**features, precision=precision).pooler_output,
-                                 texts, batch_size, self.config.hidden_size, show_progress_bar,
+                                 check_texts(texts), batch_size, self.config.hidden_size, show_progress_bar,
                                  description="encode m2-bert", precision=precision)
 
 

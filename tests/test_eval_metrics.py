@@ -107,7 +107,6 @@ def test_chunks_are_token_spans_within_the_length():
 def test_token_chunks_embed_as_the_text_they_hold():
     import torch
 
-    from eval.token_inputs import encode_token_ids
     from model import M2BertConfig, M2BertModel
     from model.encoders import M2Encoder, load_encoder
 
@@ -117,12 +116,15 @@ def test_token_chunks_embed_as_the_text_they_hold():
         encoder = M2Encoder(M2BertModel(M2BertConfig.from_preset("m2-bert-tiny", max_position_embeddings=128,
                                                                  padding_mode=padding_mode)))
         ids = [tuple(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
-        np.testing.assert_allclose(encode_token_ids(encoder, ids, batch_size=2), encoder.encode(texts), atol=1e-5)
+        np.testing.assert_allclose(encoder.encode_token_ids(ids, batch_size=2), encoder.encode(texts), atol=1e-5)
     with pytest.raises(ValueError, match="longer than the 128 tokens"):
-        encode_token_ids(encoder, [tuple(range(1000, 1200))])
+        encoder.encode_token_ids([tuple(range(1000, 1200))])
+    with pytest.raises(TypeError, match=r"chunks\[1\] is not a sequence of token ids"):
+        encoder.encode_token_ids([(1000, 1001), "a text"])
+    assert encoder.encode_token_ids([]).shape == (0, encoder.embedding_dim)
     minilm = load_encoder("all-MiniLM-L6-v2")
     ids = [tuple(minilm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
-    np.testing.assert_allclose(encode_token_ids(minilm, ids, batch_size=2), minilm.encode(texts), atol=1e-5)
+    np.testing.assert_allclose(minilm.encode_token_ids(ids, batch_size=2), minilm.encode(texts), atol=1e-5)
 
 
 def test_cache_round_trip_and_shard_files_merge(tmp_path):

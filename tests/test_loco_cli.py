@@ -17,7 +17,6 @@ from eval.cache import EmbeddingCache
 from eval.data import LocoTask, load_tasks
 from eval.loco import main
 from eval.models import ModelSpec, build_retriever
-from eval.token_inputs import encode_token_ids
 from model.encoders import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +178,7 @@ def test_chunk_protocols_aggregate_the_chunk_embeddings(tmp_path):
     best = build_retriever(ModelSpec("all-MiniLM-L6-v2", "chunk-max"), cache, CPU, show_progress=False)
     chunks = mean.protocol.document_inputs(text, encoder.tokenizer)
     assert len(chunks) > 2
-    chunk_vectors = encode_token_ids(encoder, chunks)
+    chunk_vectors = encoder.encode_token_ids(chunks)
     np.testing.assert_allclose(mean.embed_documents(task, ["d"]).vectors, chunk_vectors.mean(axis=0, keepdims=True), atol=1e-5)
     maxed = best.embed_documents(task, ["d"])
     np.testing.assert_allclose(maxed.vectors, chunk_vectors, atol=1e-5)
