@@ -112,27 +112,9 @@ class ModelSpec:
         unless `trust_remote_code`. Reads a few small files: run it on every spec before any work starts."""
         if self.is_bm25:
             return
-        from model.encoders import MINILM_ALIASES, check_runs_no_code, is_m2_directory, minilm_path
-        from model.loading import WEIGHTS_NAMES, load_config
+        from model.encoders import check_loadable
 
-        if self.name.lower() in MINILM_ALIASES:
-            minilm_path()  # ImportError naming the package when it is missing
-            return
-        path = Path(self.name)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model {self.name!r}: no such directory, and not a known name; {SPEC_FORMAT}")
-        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-            raise FileNotFoundError(f"model {self.name!r}: the directory has neither config.json nor modules.json, "
-                                    "so it is not a model (M2-BERT, sentence-transformers or Hugging Face)")
-        if is_m2_directory(path):  # M2 checkpoints load as tensors only: no code to check
-            config = load_config(path)
-            if not any((path / name).is_file() for name in WEIGHTS_NAMES):
-                raise FileNotFoundError(f"model {self.name!r}: no weights file (looked for {', '.join(WEIGHTS_NAMES)})")
-            if self.max_length and self.max_length > config.max_position_embeddings:
-                raise ValueError(f"model {self.name!r} reads at most {config.max_position_embeddings} tokens; "
-                                 f"max_length={self.max_length}")
-        elif not self.trust_remote_code:
-            check_runs_no_code(path)
+        check_loadable(self.name, self.max_length, self.trust_remote_code, known_names=SPEC_FORMAT)
 
     @property
     def is_bm25(self) -> bool:

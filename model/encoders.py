@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import cpu_ops
 from .batching import check_encode_precision, check_texts, check_token_ids, encode_in_batches, pad_rows
+from .loading import WEIGHTS_NAMES, load_config
 from .modeling_m2_bert import M2BertModel
 from .tokenizer import load_tokenizer
 
@@ -299,6 +300,34 @@ def is_m2_directory(path: Path) -> bool:
                                          or "hyena_filter_order" in values)
 
 
+def check_loadable(name_or_path: str, max_length: int | None = None, trust_remote_code: bool = False,
+                   known_names: str = f"known names: {', '.join(MINILM_ALIASES)}") -> None:
+    """What `load_encoder` would refuse, found by reading a few small files, so that a caller can check every
+    model before any work: a name that is neither the MiniLM alias nor a directory (the error lists
+    `known_names`); a directory with neither config.json nor modules.json; an M2 checkpoint without weights,
+    or whose config is invalid or shorter than `max_length`; a sentence-transformers or Hugging Face folder
+    that would run code of its own (PermissionError) unless `trust_remote_code`."""
+    if str(name_or_path).lower() in MINILM_ALIASES:
+        minilm_path()  # ImportError naming the package when it is missing
+        return
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: no such directory, and not a known name; {known_names}")
+    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: the directory has neither config.json nor "
+                                "modules.json, so it is not a model (M2-BERT, sentence-transformers or Hugging Face)")
+    if is_m2_directory(path):  # M2 checkpoints load as tensors only: no code to check
+        config = load_config(path)
+        if not any((path / name).is_file() for name in WEIGHTS_NAMES):
+            raise FileNotFoundError(f"model {str(name_or_path)!r}: no weights file (looked for "
+                                    f"{', '.join(WEIGHTS_NAMES)})")
+        if max_length and max_length > config.max_position_embeddings:
+            raise ValueError(f"model {str(name_or_path)!r} reads at most {config.max_position_embeddings} tokens; "
+                             f"max_length={max_length}")
+    elif not trust_remote_code:
+        check_runs_no_code(path)
+
+
 def load_encoder(name_or_path: str, max_length: int | None = None, precision: str | None = None,
                  trust_remote_code: bool = False, **m2_config_overrides) -> TextEncoder:
     """An encoder from a local directory (M2-BERT, sentence-transformers or Hugging Face) or the alias
@@ -306,13 +335,11 @@ def load_encoder(name_or_path: str, max_length: int | None = None, precision: st
     the folder ships is run unless `trust_remote_code=True` (M2-BERT checkpoints never run code: their
     loader reads tensors only)."""
     check_encode_precision(precision)
+    check_loadable(name_or_path, trust_remote_code=trust_remote_code)
     if str(name_or_path).lower() in MINILM_ALIASES:
         encoder = SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2", max_length=max_length)
     else:
         path = Path(name_or_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"encoder {name_or_path!r}: no such directory (and not a known alias: "
-                                    f"{', '.join(MINILM_ALIASES)})")
         if is_m2_directory(path):
             encoder = M2Encoder.from_pretrained(path, **m2_config_overrides)
         else:

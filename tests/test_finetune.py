@@ -221,11 +221,11 @@ def test_a_model_folder_that_would_run_its_own_code_is_refused_before_any_work(t
 def test_trust_remote_code_reaches_the_encoder_loader(tmp_path):
     from test_model_trust import minilm_copy, with_custom_module
 
-    from train.retrieval_task import ModelSection, build_encoder, check_encoder_source
+    from train.retrieval_task import DataSection, ModelSection, build_encoder, check_encoder_source
 
     marker = tmp_path / "marker"
     folder = with_custom_module(minilm_copy(tmp_path / "trusted"), marker)
     section = ModelSection(name_or_path=str(folder), trust_remote_code=True)
     check_encoder_source(section)
-    build_encoder(section)
+    build_encoder(section, DataSection())
     assert marker.read_text() == "the folder's code ran"

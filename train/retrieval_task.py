@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.data import LocoTask, load_tasks
-from model.encoders import MINILM_ALIASES, TextEncoder, check_runs_no_code, is_m2_directory, load_encoder
+from model.encoders import TextEncoder, check_loadable, load_encoder
 from train.config import RunConfig
 from train.distributed import LaunchEnvironment, barrier
 from train.retrieval_examples import (NEGATIVE_KINDS, BatchPlan, NegativeSampler, Rankings, RetrievalExample,
@@ -135,20 +135,14 @@ def make_objective(section: LossSection) -> PairObjective | TripletObjective | C
 
 
 def check_encoder_source(section: ModelSection) -> None:
-    """What `load_encoder` would refuse about the model folder, found by reading a few small files: a path that
-    is neither a folder nor the MiniLM alias, or (unless trusted) a folder that would run code of its own."""
-    if section.name_or_path.lower() in MINILM_ALIASES:
-        return
-    path = Path(section.name_or_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model.name_or_path={section.name_or_path!r}: no such directory (and not a known "
-                                f"alias: {', '.join(MINILM_ALIASES)})")
-    if not section.trust_remote_code and not is_m2_directory(path):
-        try:
-            check_runs_no_code(path)
-        except PermissionError as err:
-            raise PermissionError(f"model.name_or_path: {err} (in a fine-tuning config: model.trust_remote_code: "
-                                  "true)") from None
+    """What `load_encoder` would refuse about the model (`model.encoders.check_loadable`), before any work."""
+    try:
+        check_loadable(section.name_or_path, trust_remote_code=section.trust_remote_code)
+    except PermissionError as err:
+        raise PermissionError(f"model.name_or_path: {err} (in a fine-tuning config: model.trust_remote_code: "
+                              "true)") from None
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"model.name_or_path: {err}") from None
 
 
 def build_encoder(section: ModelSection, data: DataSection) -> TextEncoder:
