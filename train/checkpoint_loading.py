@@ -1,8 +1,8 @@
 """Reading checkpoint files without running code from them.
 
 A pickle can name any function to call while it loads, so a crafted file in a run folder would run code in
-every rank that resumes from it. Every file of a checkpoint is therefore read with `torch.load(...,
-weights_only=True)`: tensors and plain data (dicts, lists, numbers, strings), plus the few DeepSpeed classes its
+every rank that resumes from it. Every file of a checkpoint is therefore read weights-only (`torch.load`
+with `weights_only=True`): tensors and plain data (dicts, lists, numbers, strings), plus the few DeepSpeed classes its
 ZeRO optimizer partitions hold (`DEEPSPEED_SAFE_GLOBALS`, plain records). DeepSpeed reads its files through
 its checkpoint-engine abstraction; `WeightsOnlyCheckpointEngine` is its torch engine with this `load`.
 `unsafe_globals` finds what a file would run without loading it (a static read of its pickle), so that the
