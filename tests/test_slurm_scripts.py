@@ -132,7 +132,7 @@ def finetuned(slurm_env, pretrain_32k):
     sbatch_script("finetune.sh", slurm_env, f"model.name_or_path={pretrain_32k[0] / 'final'}", "data.max_queries=4",
                   "data.heldout_queries=2", "data.max_documents=8", "negatives.per_positive=1",
                   "negatives.heldout_per_query=1", "training.global_batch_size=4", "training.max_steps=2",
-                  f"output.dir={out}", CONFIG="configs/finetune_minilm_qmsum_opl.yaml")
+                  "training.eval_every=1000", f"output.dir={out}", CONFIG="configs/finetune_minilm_qmsum_opl.yaml")
     return out
 
 
