@@ -84,8 +84,11 @@ def init_distributed(device_kind: str = "auto") -> torch.device:
 
 
 def shutdown() -> None:
-    """Leave the process group (a clean exit; also quicker than leaving it to interpreter teardown)."""
+    """Leave the process group once every rank has reached this point (a clean exit; also quicker than leaving
+    it to interpreter teardown). The barrier first: a rank that tears its gloo group down while a peer is
+    still working in it can abort (std::terminate) instead of exiting."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
